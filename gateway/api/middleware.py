@@ -1,0 +1,91 @@
+"""The one place errors become responses, and the one access-log line per request."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from gateway import errors
+from gateway.api.keys import LOG_FIELDS, REQUEST_ID
+
+log = structlog.get_logger("gateway.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+REQUEST_ID_HEADER = "X-Request-ID"
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def _error_response(request: web.Request, exc: errors.SwitchyardError) -> web.Response:
+    request_id = request.get(REQUEST_ID)
+    headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    if request.path.startswith("/v2"):
+        # KServe v2 / Triton clients read a string under "error"; the code rides alongside.
+        body: dict[str, Any] = {"error": exc.message, "code": exc.code}
+    else:
+        body = exc.to_dict(request_id)
+    return json_response(body, exc.status, headers)
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind the request id, time the request, map every failure to a JSON error."""
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    request[LOG_FIELDS] = {}
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers.setdefault(REQUEST_ID_HEADER, request[REQUEST_ID])
+        return response
+    except errors.SwitchyardError as exc:
+        status = exc.status
+        request[LOG_FIELDS]["error"] = exc.code
+        return _error_response(request, exc)
+    except web.HTTPException as exc:
+        status = exc.status
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        mapped = errors.SwitchyardError(exc.reason, code=code)
+        mapped.status = exc.status  # type: ignore[misc]
+        request[LOG_FIELDS]["error"] = code
+        return _error_response(request, mapped)
+    except Exception:
+        log.exception("unhandled_error", path=request.path)
+        request[LOG_FIELDS]["error"] = "internal_error"
+        return _error_response(request, errors.SwitchyardError("internal error"))
+    finally:
+        if request.path not in ("/metrics", "/healthz"):
+            log.info(
+                "request",
+                method=request.method,
+                path=request.path,
+                status=status,
+                latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                **request[LOG_FIELDS],
+            )

@@ -1,0 +1,52 @@
+"""The /v1 JSON prediction API and the health, readiness and metrics endpoints."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.api.keys import LOG_FIELDS, METRICS, REQUEST_ID, SERVICE, SETTINGS
+from gateway.api.middleware import json_response
+from gateway.api.schemas import parse_batch, parse_predict, read_json
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/predict")
+async def predict(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    body = await read_json(request, settings.server.max_body_bytes)
+    req = parse_predict(body, settings.routing.max_deadline_ms)
+    request[REQUEST_ID] = req.request_id
+    request[LOG_FIELDS]["model"] = req.model_name
+    pred = await request.app[SERVICE].predict(req)
+    request[LOG_FIELDS].update(version=pred.model_version, arm=pred.arm, fallback=pred.fallback_used)
+    return json_response(pred.to_dict())
+
+
+@routes.post("/v1/predict:batch")
+async def predict_batch(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    body = await read_json(request, settings.server.max_body_bytes)
+    reqs = parse_batch(body, settings.server.max_batch_items, settings.routing.max_deadline_ms)
+    request[LOG_FIELDS].update(model=reqs[0].model_name, batch=len(reqs))
+    preds = await request.app[SERVICE].predict_batch(reqs)
+    return json_response({"predictions": [p.to_dict() for p in preds]})
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    targets = await service.ready()
+    return json_response({"status": "ready", "targets": targets})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

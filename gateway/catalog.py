@@ -1,0 +1,124 @@
+"""What each model version expects and returns, read from its `manifest.json`.
+
+The gateway validates and orders features against this schema, so bad input is rejected with
+a precise 422 before anything reaches Triton.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gateway.errors import ModelNotFound, ValidationFailed, VersionNotFound
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSchema:
+    model: str
+    version: str
+    tensor: str
+    datatype: str
+    features: tuple[str, ...]
+    outputs: tuple[str, ...]
+    probe: Mapping[str, Any] | None = None
+
+    def vectorize(self, features: Any) -> np.ndarray:
+        """Features by name (a mapping) or in schema order (a list) -> a float32 row."""
+        if isinstance(features, Mapping):
+            missing = [n for n in self.features if n not in features]
+            if missing:
+                raise ValidationFailed(
+                    f"{len(missing)} feature(s) missing, e.g. {missing[0]!r}",
+                    code="missing_feature",
+                    details={"missing": missing},
+                )
+            if len(features) != len(self.features):
+                unknown = sorted(set(features) - set(self.features))
+                raise ValidationFailed(
+                    f"unknown feature(s) {unknown[:5]}",
+                    code="unknown_feature",
+                    details={"unknown": unknown},
+                )
+            values: Sequence[Any] = [features[n] for n in self.features]
+        elif isinstance(features, list):
+            if len(features) != len(self.features):
+                raise ValidationFailed(
+                    f"expected {len(self.features)} features, got {len(features)}",
+                    code="wrong_feature_count",
+                    details={"expected": len(self.features), "got": len(features)},
+                )
+            values = features
+        else:
+            raise ValidationFailed(
+                "features must be an object of name -> number, or a list of numbers",
+                code="invalid_features",
+            )
+        for name, v in zip(self.features, values, strict=True):
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ValidationFailed(
+                    f"feature {name!r} must be a number, got {type(v).__name__}",
+                    code="invalid_feature_type",
+                    details={"feature": name},
+                )
+        with np.errstate(over="ignore"):  # overflow to inf is caught just below
+            row = np.asarray(values, dtype=np.float64).astype(np.float32)
+        if not np.isfinite(row).all():
+            bad = next(n for n, v in zip(self.features, row, strict=True) if not math.isfinite(v))
+            raise ValidationFailed(
+                f"feature {bad!r} is not a finite float32 number",
+                code="non_finite_feature",
+                details={"feature": bad},
+            )
+        return row
+
+
+class ModelCatalog:
+    """Schemas of every model version in a Triton model repository."""
+
+    def __init__(self, schemas: Mapping[tuple[str, str], ModelSchema]) -> None:
+        self._schemas = dict(schemas)
+
+    @classmethod
+    def load(cls, repository: Path) -> ModelCatalog:
+        schemas = {}
+        for manifest in sorted(repository.glob("*/*/manifest.json")):
+            m = json.loads(manifest.read_text())
+            s = m["input_schema"]
+            schema = ModelSchema(
+                model=manifest.parent.parent.name,
+                version=manifest.parent.name,
+                tensor=s["tensor"],
+                datatype=s.get("datatype", "FP32"),
+                features=tuple(s["features"]),
+                outputs=tuple(m.get("outputs", ())),
+                probe=m.get("probe"),
+            )
+            schemas[(schema.model, schema.version)] = schema
+        return cls(schemas)
+
+    def models(self) -> set[str]:
+        return {m for m, _ in self._schemas}
+
+    def versions(self, model: str) -> list[str]:
+        return sorted((v for m, v in self._schemas if m == model), key=_version_key)
+
+    def schema(self, model: str, version: str) -> ModelSchema:
+        found = self._schemas.get((model, version))
+        if found is not None:
+            return found
+        if model not in self.models():
+            raise ModelNotFound(f"unknown model {model!r}", details={"model": model})
+        raise VersionNotFound(
+            f"model {model!r} has no version {version!r}",
+            details={"model": model, "version": version, "available": self.versions(model)},
+        )
+
+
+def _version_key(v: str) -> tuple[int, str]:
+    return (int(v), "") if v.isdigit() else (1 << 62, v)

@@ -1,0 +1,91 @@
+"""A real gateway process (`python -m gateway serve`) in front of the session's tritonserver."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.tritonserver import TritonServer, free_port
+
+
+@dataclass(frozen=True)
+class GatewayProcess:
+    url: str
+    port: int
+    spool_dir: Path
+    log_file: Path
+    process: subprocess.Popen[bytes]
+
+
+def wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s:\n{log.read_text()[-3000:]}")
+
+
+def start_gateway(
+    repo_root: Path, workdir: Path, grpc_url: str, extra_env: dict[str, str] | None = None
+) -> GatewayProcess:
+    port = free_port()
+    spool = workdir / "spool"
+    log = workdir / "gateway.log"
+    env = {
+        **os.environ,
+        "SWITCHYARD__TRITON__GRPC_URL": grpc_url,
+        "SWITCHYARD__PREDLOG__SPOOL_DIR": str(spool),
+        "SWITCHYARD__SERVER__HOST": "127.0.0.1",
+        "SWITCHYARD__SERVER__PORT": str(port),
+        **(extra_env or {}),
+    }
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", "configs/gateway.yaml"],
+            cwd=repo_root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    gw = GatewayProcess(f"http://127.0.0.1:{port}", port, spool, log, proc)
+    try:
+        wait_http_ok(f"{gw.url}/healthz", 60, proc, log)
+    except Exception:
+        proc.kill()
+        raise
+    return gw
+
+
+def stop_gateway(gw: GatewayProcess) -> None:
+    gw.process.terminate()
+    try:
+        gw.process.wait(15)
+    except subprocess.TimeoutExpired:
+        gw.process.kill()
+        gw.process.wait(5)
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    triton: TritonServer, repo_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    gw = start_gateway(repo_root, tmp_path_factory.mktemp("gateway"), triton.grpc_url)
+    wait_http_ok(f"{gw.url}/readyz", 60, gw.process, gw.log_file)
+    yield gw
+    stop_gateway(gw)

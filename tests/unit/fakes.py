@@ -1,0 +1,60 @@
+"""A tiny model repository and route set on disk, served by FakeBackend, for unit tests."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from gateway.backends.fake import FakeBackend, FakeModel
+from gateway.config import Settings, load_settings
+from gateway.tensors import Tensor
+
+FEATURES = ["a", "b", "c"]
+
+
+def toy_fn(inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    x = inputs["features"].data.astype(np.float32)
+    score = (1.0 / (1.0 + np.exp(-x.sum(axis=1)))).astype(np.float32).reshape(-1, 1)
+    decision = np.array([[b"deny" if s >= 0.5 else b"approve"] for s in score[:, 0]], dtype=object)
+    conf = np.maximum(score, 1 - score).astype(np.float32)
+    return {
+        "score": Tensor("score", "FP32", score),
+        "decision": Tensor("decision", "BYTES", decision),
+        "confidence": Tensor("confidence", "FP32", conf),
+    }
+
+
+def write_repo(root: Path, route_extra: str = "") -> Settings:
+    repo = root / "model_repository"
+    for version in ("1", "2"):
+        d = repo / "toy" / version
+        d.mkdir(parents=True)
+        manifest = {
+            "model": "toy",
+            "version": version,
+            "input_schema": {"tensor": "features", "datatype": "FP32", "features": FEATURES},
+            "outputs": ["score", "decision", "confidence"],
+        }
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    routes = root / "routes"
+    routes.mkdir()
+    (routes / "toy.yaml").write_text(
+        'model: toy\nchampion: {target: toy, version: "2"}\n' + route_extra
+    )
+    return load_settings(
+        None,
+        env={},
+        base_dir=root,
+        routing_model_repository=str(repo),
+        routing_routes_dir=str(routes),
+        predlog_spool_dir=str(root / "spool"),
+        predlog_flush_interval_s=0.0,
+    )
+
+
+def toy_backend() -> FakeBackend:
+    inputs = [{"name": "features", "datatype": "FP32", "shape": [-1, 3]}]
+    return FakeBackend([FakeModel("toy", toy_fn, versions=("1", "2"), inputs=inputs)])
