@@ -118,16 +118,47 @@ class InferenceService:
         return Deadline.after(min(ms, self.max_deadline_ms) / 1000.0, self.clock)
 
     # -- /v1 predictions -------------------------------------------------------------------
-    def _plan(self, req: PredictRequest) -> _Planned:
-        route = self.routes.current.get(req.model_name)
-        target, arm = route.champion, "champion"
+    # The pipeline is split into steps with one owner each: features (online store),
+    # choose (routing), answer (resilience: breakers, retries, fallback), after_answer (log,
+    # shadow traffic). predict_batch only sequences them.
+
+    async def _features(self, req: PredictRequest, deadline: Deadline) -> Any:
+        """Inline features, or feature_refs resolved from the online store."""
         if req.feature_refs:
             raise ClientError(
                 "feature_refs need the online feature store, which is not configured",
                 code="feature_store_unavailable",
             )
+        return req.features
+
+    def _choose(self, route: Route, req: PredictRequest) -> tuple[Target, str]:
+        """The target and arm name that answer this request."""
+        return route.champion, "champion"
+
+    async def _plan(self, req: PredictRequest, deadline: Deadline) -> _Planned:
+        route = self.routes.current.get(req.model_name)
+        target, arm = self._choose(route, req)
         schema = self.catalog.schema(target.model, target.version)
-        return _Planned(req, route, target, arm, schema.vectorize(req.features))
+        features = await self._features(req, deadline)
+        return _Planned(req, route, target, arm, schema.vectorize(features))
+
+    async def _answer(
+        self, target: Target, group: list[_Planned], deadline: Deadline
+    ) -> list[Prediction]:
+        """One backend call for every request bound to this target."""
+        schema = self.catalog.schema(target.model, target.version)
+        rows = np.stack([p.row for p in group])
+        try:
+            resp = await self._infer_rows(schema, rows, group[0].request.request_id, deadline)
+        except SwitchyardError as exc:
+            self.metrics.requests.labels(group[0].request.model_name, exc.code).inc(len(group))
+            raise
+        return [self._prediction(p, resp, j) for j, p in enumerate(group)]
+
+    def _after_answer(self, planned: list[_Planned], preds: list[Prediction]) -> None:
+        """Runs once the answers are final: metrics and the prediction log."""
+        for p, pred in zip(planned, preds, strict=True):
+            self._record(p, pred)
 
     async def predict(self, req: PredictRequest) -> Prediction:
         return (await self.predict_batch([req]))[0]
@@ -136,38 +167,32 @@ class InferenceService:
         """Validate everything first (bad input never reaches Triton), then one backend call
         per target with the rows stacked, so a batch costs one round trip."""
         started = self.clock()
+        first_route = self.routes.current.get(reqs[0].model_name)
+        deadline = self.deadline_for(reqs[0].context, first_route)
         planned = []
         for i, r in enumerate(reqs):
             try:
-                planned.append(self._plan(r))
+                planned.append(await self._plan(r, deadline))
             except SwitchyardError as exc:
                 if len(reqs) > 1:
                     exc.details.setdefault("index", i)
                 raise
-        context = reqs[0].context if reqs else {}
-        deadline = self.deadline_for(context, planned[0].route if planned else None)
         groups: dict[Target, list[int]] = {}
         for i, p in enumerate(planned):
             groups.setdefault(p.target, []).append(i)
         results: list[Prediction | None] = [None] * len(planned)
         for target, idx in groups.items():
-            schema = self.catalog.schema(target.model, target.version)
-            rows = np.stack([planned[i].row for i in idx])
-            try:
-                resp = await self._infer_rows(schema, rows, reqs[idx[0]].request_id, deadline)
-            except SwitchyardError as exc:
-                self.metrics.requests.labels(target.model, exc.code).inc(len(idx))
-                raise
-            for j, i in enumerate(idx):
-                results[i] = self._prediction(planned[i], resp, j)
-        latency = self.clock() - started
-        out = []
-        for p, pred in zip(planned, results, strict=True):
+            answers = await self._answer(target, [planned[i] for i in idx], deadline)
+            for i, pred in zip(idx, answers, strict=True):
+                results[i] = pred
+        latency_ms = (self.clock() - started) * 1000.0
+        preds = []
+        for pred in results:
             assert pred is not None
-            pred.latency_ms = latency * 1000.0
-            self._record(p, pred, latency)
-            out.append(pred)
-        return out
+            pred.latency_ms = latency_ms
+            preds.append(pred)
+        self._after_answer(planned, preds)
+        return preds
 
     async def _infer_rows(
         self, schema: ModelSchema, rows: np.ndarray, request_id: str, deadline: Deadline
@@ -202,8 +227,10 @@ class InferenceService:
             arm=p.arm,
         )
 
-    def _record(self, p: _Planned, pred: Prediction, latency_s: float) -> None:
-        self.metrics.latency.labels(pred.model_name, pred.model_version, pred.arm).observe(latency_s)
+    def _record(self, p: _Planned, pred: Prediction) -> None:
+        self.metrics.latency.labels(pred.model_name, pred.model_version, pred.arm).observe(
+            pred.latency_ms / 1000.0
+        )
         self.metrics.requests.labels(pred.model_name, "ok").inc()
         self.predlog.record(
             {

@@ -33,13 +33,34 @@ class Target:
 
 
 @dataclass(frozen=True, slots=True)
+class Fallback:
+    """The route's fallback ladder: distilled model, cached answer, static default."""
+
+    target: Target | None = None
+    cache_ttl_s: float = 0.0
+    default: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    p99_ms: float | None = None
+    error_rate: float | None = None
+    deadline_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     champion: Target
     policy_version: str
     source: str
-    deadline_ms: int | None = None
+    fallback: Fallback = field(default_factory=Fallback)
+    slo: Slo = field(default_factory=Slo)
     raw: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def deadline_ms(self) -> int | None:
+        return self.slo.deadline_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,16 +93,45 @@ def parse_route(content: bytes, source: str) -> Route:
         raise RouteError(f"{source}: invalid YAML: {exc}") from exc
     if not isinstance(data, Mapping) or "model" not in data or "champion" not in data:
         raise RouteError(f"{source}: a route needs 'model' and 'champion'")
-    slo = data.get("slo") or {}
-    deadline = slo.get("deadline_ms") if isinstance(slo, Mapping) else None
     return Route(
         name=str(data["model"]),
         champion=_target(data["champion"], f"{source}: champion"),
         policy_version=policy_version(content),
         source=source,
-        deadline_ms=int(deadline) if deadline is not None else None,
+        fallback=_fallback(data.get("fallback"), f"{source}: fallback"),
+        slo=_slo(data.get("slo"), f"{source}: slo"),
         raw=MappingProxyType(dict(data)),
     )
+
+
+def _fallback(value: Any, where: str) -> Fallback:
+    if value is None:
+        return Fallback()
+    if not isinstance(value, Mapping):
+        raise RouteError(f"{where}: expected a mapping")
+    default = value.get("default")
+    if default is not None and not isinstance(default, Mapping):
+        raise RouteError(f"{where}.default: expected a mapping such as {{score: 0.5}}")
+    return Fallback(
+        target=_target(value, where) if "target" in value else None,
+        cache_ttl_s=float(value.get("cache_ttl_s", 0)),
+        default=MappingProxyType(dict(default)) if default is not None else None,
+    )
+
+
+def _slo(value: Any, where: str) -> Slo:
+    if value is None:
+        return Slo()
+    if not isinstance(value, Mapping):
+        raise RouteError(f"{where}: expected a mapping")
+    try:
+        return Slo(
+            p99_ms=float(value["p99_ms"]) if "p99_ms" in value else None,
+            error_rate=float(value["error_rate"]) if "error_rate" in value else None,
+            deadline_ms=int(value["deadline_ms"]) if "deadline_ms" in value else None,
+        )
+    except (TypeError, ValueError) as exc:
+        raise RouteError(f"{where}: {exc}") from exc
 
 
 def load_route_table(routes_dir: Path, catalog: ModelCatalog | None = None) -> RouteTable:
@@ -90,7 +140,9 @@ def load_route_table(routes_dir: Path, catalog: ModelCatalog | None = None) -> R
     for path in sorted(routes_dir.glob("*.yaml")):
         route = parse_route(path.read_bytes(), str(path))
         if route.name in routes:
-            raise RouteError(f"{path}: model {route.name!r} already routed by {routes[route.name].source}")
+            raise RouteError(
+                f"{path}: model {route.name!r} already routed by {routes[route.name].source}"
+            )
         if catalog is not None:
             try:
                 catalog.schema(route.champion.model, route.champion.version)

@@ -50,7 +50,9 @@ async def test_predict_returns_score_versions_and_policy(client: TestClient, bac
 
 
 async def test_request_id_is_echoed(client: TestClient) -> None:
-    status, body = await post(client, {"request_id": "abc", "model_name": "toy", "features": [0, 0, 0]})
+    status, body = await post(
+        client, {"request_id": "abc", "model_name": "toy", "features": [0, 0, 0]}
+    )
     assert status == 200 and body["request_id"] == "abc"
 
 
@@ -74,8 +76,10 @@ async def test_batch_is_one_backend_call(client: TestClient, backend) -> None:
         ({"model_name": "nope", "features": [1, 2, 3]}, 404, "model_not_found"),
         ({"model_name": "toy", "features": [1, 2]}, 422, "wrong_feature_count"),
         ({"model_name": "toy", "features": {"a": 1, "b": 2}}, 422, "missing_feature"),
-        ({"model_name": "toy", "features": {"a": 1, "b": 2, "c": 3, "d": 4}}, 422, "unknown_feature"),
-        ({"model_name": "toy", "features": {"a": "1", "b": 2, "c": 3}}, 422, "invalid_feature_type"),
+        ({"model_name": "toy", "features": {"a": 1, "b": 2, "c": 3, "d": 4}}, 422,
+         "unknown_feature"),
+        ({"model_name": "toy", "features": {"a": "1", "b": 2, "c": 3}}, 422,
+         "invalid_feature_type"),
         ({"model_name": "toy", "features": [True, 2, 3]}, 422, "invalid_feature_type"),
         ({"model_name": "toy", "features": [1e39, 2, 3]}, 422, "non_finite_feature"),
         (b'{"model_name": "toy", "features": [NaN, 1, 2]}', 400, "malformed_json"),
