@@ -1,0 +1,534 @@
+"""Reproducible training for every model in the Switchyard model repository.
+
+    python model_repository/train.py            # (re)build everything in place
+    python model_repository/train.py --out DIR  # build into another directory (tests)
+    python model_repository/train.py --force    # allow changing an existing version's bytes
+
+Re-running rewrites every artifact byte-identically (fixed seeds, no timestamps, fixed zip
+metadata in weights.npz). Existing version folders are immutable: if a rebuild would change a
+byte of one (e.g. another scikit-learn version), the script stops unless --force is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import re
+import sys
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import sklearn
+from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+from sklearn.preprocessing import StandardScaler
+
+HERE = Path(__file__).resolve().parent
+TEMPLATE = HERE / "model_template.py"
+
+SEED = 20240611
+SPLIT_SEED = 42
+HOLDOUT_FRACTION = 0.25
+MAX_BATCH_SIZE = 256
+PREFERRED_BATCH_SIZES = (32, 128)
+MAX_QUEUE_DELAY_US = 5000
+NUM_VERSIONS = 10
+EXPORT_ATOL = 1e-5
+RISK_DECISION = {
+    "type": "threshold",
+    "approve_below": 0.3,
+    "deny_at_or_above": 0.7,
+    "approve_label": "approve",
+    "review_label": "review",
+    "deny_label": "deny",
+}
+DISTILL_PROB_CLIP = 1e-4
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Dataset:
+    name: str
+    source: str
+    feature_names: list[str]
+    x_train: np.ndarray
+    x_hold: np.ndarray
+    y_train: np.ndarray
+    y_hold: np.ndarray
+    fingerprint: str  # sha256 of the raw X/y bytes
+
+
+def snake(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+
+
+def load(name: str) -> Dataset:
+    if name == "breast_cancer":
+        bunch = load_breast_cancer()
+        features = [snake(f) for f in bunch.feature_names]
+    elif name == "digits":
+        bunch = load_digits()
+        features = [f"pixel_{i}" for i in range(bunch.data.shape[1])]
+    else:
+        raise ValueError(name)
+    x = np.ascontiguousarray(bunch.data, dtype=np.float64)
+    y = np.ascontiguousarray(bunch.target, dtype=np.int64)
+    fp = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
+    x_tr, x_ho, y_tr, y_ho = train_test_split(
+        x, y, test_size=HOLDOUT_FRACTION, stratify=y, random_state=SPLIT_SEED
+    )
+    return Dataset(name, f"sklearn.datasets.load_{name}", features, x_tr, x_ho, y_tr, y_ho, fp)
+
+
+# ----------------------------------------------------------------------------- export format
+
+
+def forward(weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Numpy forward pass of the exported format: returns the final-layer logits (float64)."""
+    h = (np.asarray(x, dtype=np.float64) - weights["mean"]) / weights["scale"]
+    n = sum(1 for k in weights if k.startswith("W"))
+    for i in range(n):
+        h = h @ weights[f"W{i}"] + weights[f"b{i}"]
+        if i < n - 1:
+            h = np.maximum(h, 0.0)
+    return h
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """Like np.savez, but with fixed zip metadata so the bytes are reproducible."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
+            zf.writestr(info, member.getvalue())
+    return buf.getvalue()
+
+
+def export_layers(scaler: StandardScaler, coefs, intercepts, negate_last: bool):
+    weights = {
+        "mean": scaler.mean_.astype(np.float64),
+        "scale": scaler.scale_.astype(np.float64),
+    }
+    for i, (w, b) in enumerate(zip(coefs, intercepts, strict=True)):
+        w = np.asarray(w, dtype=np.float64)
+        b = np.asarray(b, dtype=np.float64).reshape(-1)
+        if negate_last and i == len(coefs) - 1:
+            # sklearn's binary logit is log-odds of target==1 (benign); we export P(target==0).
+            w, b = -w, -b
+        weights[f"W{i}"] = w
+        weights[f"b{i}"] = b
+    return weights
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class Built:
+    model: str
+    version: int
+    data: Dataset
+    hyperparams: dict
+    weights: dict[str, np.ndarray]
+    output_activation: str
+    decision: dict
+    metrics: dict
+    extra_dataset: dict = field(default_factory=dict)
+
+
+def risk_score_reference(est, x_std: np.ndarray) -> np.ndarray:
+    return est.predict_proba(x_std)[:, 0]  # P(target == 0) == P(malignant)
+
+
+def binary_metrics(y_malignant: np.ndarray, score: np.ndarray) -> dict:
+    return {
+        "holdout_accuracy": round(float(accuracy_score(y_malignant, score >= 0.5)), 6),
+        "holdout_roc_auc": round(float(roc_auc_score(y_malignant, score)), 6),
+        "holdout_log_loss": round(float(log_loss(y_malignant, score, labels=[0, 1])), 6),
+    }
+
+
+def check_export(weights, x, reference, activation):
+    logits = forward(weights, x)
+    got = sigmoid(logits[:, 0]) if activation == "sigmoid" else softmax(logits)
+    err = float(np.max(np.abs(got - reference)))
+    assert err < EXPORT_ATOL, f"exported forward pass differs from sklearn by {err}"
+
+
+def train_risk_v1(data: Dataset) -> Built:
+    hp = {
+        "estimator": "LogisticRegression",
+        "C": 1.0,
+        "max_iter": 5000,
+        "solver": "lbfgs",
+    }
+    scaler = StandardScaler().fit(data.x_train)
+    est = LogisticRegression(
+        C=hp["C"], max_iter=hp["max_iter"], solver=hp["solver"], random_state=SEED
+    ).fit(scaler.transform(data.x_train), data.y_train)
+    w = export_layers(scaler, [est.coef_.T], [est.intercept_], negate_last=True)
+    for x in (data.x_train, data.x_hold):
+        check_export(w, x, risk_score_reference(est, scaler.transform(x)), "sigmoid")
+    score = sigmoid(forward(w, data.x_hold)[:, 0])
+    return Built(
+        "risk",
+        1,
+        data,
+        hp,
+        w,
+        "sigmoid",
+        RISK_DECISION,
+        binary_metrics(data.y_hold == 0, score),
+    )
+
+
+def _risk_mlp(data: Dataset, hp: dict):
+    scaler = StandardScaler().fit(data.x_train)
+    est = MLPClassifier(
+        hidden_layer_sizes=tuple(hp["hidden_layer_sizes"]),
+        activation="relu",
+        solver=hp["solver"],
+        alpha=hp["alpha"],
+        max_iter=hp["max_iter"],
+        random_state=SEED,
+    ).fit(scaler.transform(data.x_train), data.y_train)
+    return scaler, est
+
+
+RISK_V2_HP = {
+    "estimator": "MLPClassifier",
+    "hidden_layer_sizes": [16],
+    "activation": "relu",
+    "solver": "adam",
+    "alpha": 0.1,
+    "max_iter": 2000,
+}
+
+
+def train_risk_v2(data: Dataset) -> Built:
+    scaler, est = _risk_mlp(data, RISK_V2_HP)
+    w = export_layers(scaler, est.coefs_, est.intercepts_, negate_last=True)
+    for x in (data.x_train, data.x_hold):
+        check_export(w, x, risk_score_reference(est, scaler.transform(x)), "sigmoid")
+    score = sigmoid(forward(w, data.x_hold)[:, 0])
+    return Built(
+        "risk",
+        2,
+        data,
+        dict(RISK_V2_HP),
+        w,
+        "sigmoid",
+        RISK_DECISION,
+        binary_metrics(data.y_hold == 0, score),
+    )
+
+
+def band(score: np.ndarray) -> np.ndarray:
+    d = RISK_DECISION
+    return np.where(score < d["approve_below"], 0, np.where(score >= d["deny_at_or_above"], 2, 1))
+
+
+def train_risk_distilled_v1(data: Dataset, teacher: Built) -> Built:
+    """Ridge regression on the teacher's clipped logit of P(malignant), over standardized inputs.
+
+    The student is a logistic model: sigmoid(student logit) approximates the teacher's score.
+    Trained on teacher outputs over the training set only (no true labels are used).
+    """
+    hp = {
+        "estimator": "Ridge",
+        "alpha": 1.0,
+        "target": "teacher_logit",
+        "teacher": {"model": teacher.model, "version": teacher.version},
+        "teacher_prob_clip": DISTILL_PROB_CLIP,
+    }
+    scaler = StandardScaler().fit(data.x_train)
+    p_t = np.clip(
+        sigmoid(forward(teacher.weights, data.x_train)[:, 0]),
+        DISTILL_PROB_CLIP,
+        1 - DISTILL_PROB_CLIP,
+    )
+    target = np.log(p_t) - np.log1p(-p_t)
+    est = Ridge(alpha=hp["alpha"]).fit(scaler.transform(data.x_train), target)
+    w = export_layers(
+        scaler,
+        [est.coef_.reshape(-1, 1)],
+        [np.array([est.intercept_])],
+        negate_last=False,
+    )
+    for x in (data.x_train, data.x_hold):
+        check_export(w, x, sigmoid(est.predict(scaler.transform(x))), "sigmoid")
+    score = sigmoid(forward(w, data.x_hold)[:, 0])
+    teacher_score = sigmoid(forward(teacher.weights, data.x_hold)[:, 0])
+    metrics = binary_metrics(data.y_hold == 0, score)
+    metrics["fidelity_vs_teacher"] = {
+        "teacher": f"{teacher.model}/{teacher.version}",
+        "split": "holdout",
+        "label_agreement": round(float(np.mean((score >= 0.5) == (teacher_score >= 0.5))), 6),
+        "decision_agreement": round(float(np.mean(band(score) == band(teacher_score))), 6),
+        "mean_abs_score_diff": round(float(np.mean(np.abs(score - teacher_score))), 6),
+        "max_abs_score_diff": round(float(np.max(np.abs(score - teacher_score))), 6),
+    }
+    return Built("risk_distilled", 1, data, hp, w, "sigmoid", RISK_DECISION, metrics)
+
+
+def train_digits_v1(data: Dataset) -> Built:
+    hp = {
+        "estimator": "MLPClassifier",
+        "hidden_layer_sizes": [32],
+        "activation": "relu",
+        "solver": "lbfgs",
+        "alpha": 1e-2,
+        "max_iter": 2000,
+    }
+    scaler = StandardScaler().fit(data.x_train)
+    est = MLPClassifier(
+        hidden_layer_sizes=(32,),
+        activation="relu",
+        solver=hp["solver"],
+        alpha=hp["alpha"],
+        max_iter=hp["max_iter"],
+        random_state=SEED,
+    ).fit(scaler.transform(data.x_train), data.y_train)
+    assert list(est.classes_) == list(range(10))
+    w = export_layers(scaler, est.coefs_, est.intercepts_, negate_last=False)
+    for x in (data.x_train, data.x_hold):
+        check_export(w, x, est.predict_proba(scaler.transform(x)), "softmax")
+    probs = softmax(forward(w, data.x_hold))
+    metrics = {
+        "holdout_accuracy": round(float(accuracy_score(data.y_hold, probs.argmax(1))), 6),
+        "holdout_log_loss": round(float(log_loss(data.y_hold, probs, labels=list(range(10)))), 6),
+    }
+    decision = {"type": "argmax", "labels": [str(i) for i in range(10)]}
+    return Built("digits", 1, data, hp, w, "softmax", decision, metrics)
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def training_run_id(data: Dataset, hyperparams: dict) -> str:
+    """sha256 prefix of (dataset identity + split + hyperparameters + seed)."""
+    payload = {
+        "dataset": {
+            "name": data.name,
+            "fingerprint": data.fingerprint,
+            "split_seed": SPLIT_SEED,
+            "holdout_fraction": HOLDOUT_FRACTION,
+        },
+        "hyperparams": hyperparams,
+        "seed": SEED,
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def outputs_for(b: Built) -> list[str]:
+    base = ["score", "decision", "confidence"]
+    return base + (["probabilities"] if b.output_activation == "softmax" else [])
+
+
+def pick_probe(b: Built) -> dict:
+    """First holdout row whose score is clear of decision boundaries (robust health check)."""
+    x32 = b.data.x_hold.astype(np.float32)
+    logits = forward(b.weights, x32.astype(np.float64))
+    for i in range(len(x32)):
+        if b.output_activation == "sigmoid":
+            s = float(sigmoid(logits[i : i + 1, 0])[0])
+            d = b.decision
+            if min(abs(s - d["approve_below"]), abs(s - d["deny_at_or_above"])) < 0.02:
+                continue
+            label = int(band(np.array([s]))[0])
+            decision = [d["approve_label"], d["review_label"], d["deny_label"]][label]
+        else:
+            p = softmax(logits[i : i + 1])[0]
+            top2 = np.sort(p)[-2:]
+            if top2[1] - top2[0] < 0.1:
+                continue
+            s, decision = float(p.max()), b.decision["labels"][int(p.argmax())]
+        return {
+            "holdout_index": i,
+            "features": [float(v) for v in x32[i]],
+            "expected": {"score": s, "decision": decision},
+            "atol": EXPORT_ATOL,
+        }
+    raise RuntimeError(f"no probe row found for {b.model}")
+
+
+def manifest_for(b: Built, files: dict[str, str]) -> dict:
+    layers = [int(b.weights["W0"].shape[0])] + [
+        int(b.weights[f"W{i}"].shape[1]) for i in range(sum(k.startswith("W") for k in b.weights))
+    ]
+    return {
+        "model": b.model,
+        "version": b.version,
+        "files": files,
+        "training_run_id": training_run_id(b.data, b.hyperparams),
+        "dataset": {
+            "name": b.data.name,
+            "source": b.data.source,
+            "fingerprint_sha256": b.data.fingerprint,
+            "n_train": len(b.data.y_train),
+            "n_holdout": len(b.data.y_hold),
+            "split": "stratified",
+            "holdout_fraction": HOLDOUT_FRACTION,
+            "split_seed": SPLIT_SEED,
+        },
+        "hyperparams": b.hyperparams,
+        "seed": SEED,
+        "metrics": b.metrics,
+        "runtime": {
+            "backend": "python",
+            "numpy": np.__version__,
+            "sklearn": sklearn.__version__,
+        },
+        "architecture": {
+            "layers": layers,
+            "hidden_activation": "relu",
+            "output_activation": b.output_activation,
+        },
+        "input_schema": {
+            "tensor": "features",
+            "datatype": "FP32",
+            "shape": [len(b.data.feature_names)],
+            "features": b.data.feature_names,
+        },
+        "outputs": outputs_for(b),
+        "decision": b.decision,
+        "probe": pick_probe(b),
+    }
+
+
+def config_pbtxt(name: str, n_in: int, n_classes: int | None) -> str:
+    outputs = [
+        ("score", "TYPE_FP32", 1),
+        ("decision", "TYPE_STRING", 1),
+        ("confidence", "TYPE_FP32", 1),
+    ]
+    if n_classes:
+        outputs.append(("probabilities", "TYPE_FP32", n_classes))
+    out_txt = ",\n".join(
+        f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {d} ]\n  }}' for n, t, d in outputs
+    )
+    preferred = ", ".join(str(s) for s in PREFERRED_BATCH_SIZES)
+    return (
+        f"# Generated by model_repository/train.py -- edit there, not here.\n"
+        f'name: "{name}"\n'
+        f'backend: "python"\n'
+        f"max_batch_size: {MAX_BATCH_SIZE}\n"
+        f"version_policy: {{ latest: {{ num_versions: {NUM_VERSIONS} }} }}\n"
+        f'input [\n  {{\n    name: "features"\n    data_type: TYPE_FP32\n'
+        f"    dims: [ {n_in} ]\n  }}\n]\n"
+        f"output [\n{out_txt}\n]\n"
+        f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
+        f"  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US}\n}}\n"
+        f"instance_group [\n  {{\n    kind: KIND_CPU\n    count: 1\n  }}\n]\n"
+    )
+
+
+def build_all() -> list[Built]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # an unconverged model is a bug
+        # sklearn 1.5 passes `iprint` to L-BFGS-B, which newer SciPy deprecates: harmless noise.
+        warnings.filterwarnings(
+            "ignore", message=r".*`disp` and `iprint` options", category=DeprecationWarning
+        )
+        bc, digits = load("breast_cancer"), load("digits")
+        risk2 = train_risk_v2(bc)
+        return [
+            train_risk_v1(bc),
+            risk2,
+            train_risk_distilled_v1(bc, risk2),
+            train_digits_v1(digits),
+        ]
+
+
+def render(built: list[Built]) -> dict[str, bytes]:
+    """Every artifact as relative path -> bytes."""
+    model_py = TEMPLATE.read_bytes()
+    files: dict[str, bytes] = {}
+    for b in built:
+        n_layers = sum(k.startswith("W") for k in b.weights)
+        n_out = int(b.weights[f"W{n_layers - 1}"].shape[1])
+        files[f"{b.model}/config.pbtxt"] = config_pbtxt(
+            b.model,
+            len(b.data.feature_names),
+            n_out if b.output_activation == "softmax" else None,
+        ).encode()
+        weights = npz_bytes(b.weights)
+        hashes = {
+            "model.py": hashlib.sha256(model_py).hexdigest(),
+            "weights.npz": hashlib.sha256(weights).hexdigest(),
+        }
+        manifest = json.dumps(manifest_for(b, hashes), indent=2, sort_keys=False) + "\n"
+        vdir = f"{b.model}/{b.version}"
+        files[f"{vdir}/model.py"] = model_py
+        files[f"{vdir}/weights.npz"] = weights
+        files[f"{vdir}/manifest.json"] = manifest.encode()
+    return files
+
+
+def write(files: dict[str, bytes], out: Path, force: bool) -> list[str]:
+    changed = []
+    for rel, data in files.items():
+        path = out / rel
+        is_versioned = len(Path(rel).parts) == 3
+        if path.exists() and path.read_bytes() == data:
+            continue
+        if path.exists() and is_versioned and not force:
+            raise SystemExit(
+                f"refusing to change immutable version artifact {path} (bytes differ); "
+                "add a new version instead, or pass --force"
+            )
+        changed.append(rel)
+    for rel in changed:
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+            tmp.write(files[rel])
+        Path(tmp.name).chmod(0o644)
+        Path(tmp.name).replace(path)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE, help="model repository to write")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="allow rewriting existing version folders with different bytes",
+    )
+    args = parser.parse_args(argv)
+    built = build_all()
+    changed = write(render(built), args.out, args.force)
+    for b in built:
+        print(f"{b.model}/{b.version}: {json.dumps(b.metrics, sort_keys=True)}")
+    print(f"{len(changed)} file(s) written to {args.out}" if changed else "no changes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
