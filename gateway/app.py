@@ -90,5 +90,7 @@ def serve(settings: Settings) -> None:
         port=settings.server.port,
         access_log=None,
         shutdown_timeout=settings.server.shutdown_timeout_s,
-        print=lambda msg: log.info("listening", host=settings.server.host, port=settings.server.port),
+        print=lambda msg: log.info(
+            "listening", host=settings.server.host, port=settings.server.port
+        ),
     )

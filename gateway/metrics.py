@@ -36,7 +36,9 @@ class Metrics:
             ["server", "model"],
             registry=r,
         )
-        self.shed = Counter("shed_total", "Requests shed by admission control", ["backend"], registry=r)
+        self.shed = Counter(
+            "shed_total", "Requests shed by admission control", ["backend"], registry=r
+        )
         self.route_reloads = Counter(
             "route_reloads_total", "Route table reloads by result", ["result"], registry=r
         )

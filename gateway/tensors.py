@@ -45,7 +45,9 @@ def numpy_dtype(datatype: str) -> np.dtype:
     try:
         return _TO_NUMPY[datatype]
     except KeyError:
-        raise ClientError(f"unsupported datatype {datatype!r}", code="unsupported_datatype") from None
+        raise ClientError(
+            f"unsupported datatype {datatype!r}", code="unsupported_datatype"
+        ) from None
 
 
 def triton_datatype(dtype: np.dtype) -> str:

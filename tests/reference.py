@@ -31,7 +31,11 @@ def forward(version_dir: Path, x: np.ndarray) -> dict[str, np.ndarray]:
         labels = np.where(
             score < decision["approve_below"],
             decision["approve_label"],
-            np.where(score >= decision["deny_at_or_above"], decision["deny_label"], decision["review_label"]),
+            np.where(
+                score >= decision["deny_at_or_above"],
+                decision["deny_label"],
+                decision["review_label"],
+            ),
         )
         return {"score": score, "decision": labels, "confidence": np.maximum(score, 1 - score)}
     e = np.exp(h - h.max(axis=1, keepdims=True))

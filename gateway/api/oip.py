@@ -75,7 +75,9 @@ async def model_metadata(request: web.Request) -> web.Response:
 async def model_config(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     model, version = _model_and_version(request)
-    return json_response(await service.backend.model_config(model, version, service.control_timeout_s))
+    return json_response(
+        await service.backend.model_config(model, version, service.control_timeout_s)
+    )
 
 
 @routes.post("/v2/models/{model}/infer")
@@ -98,7 +100,9 @@ async def infer(request: web.Request) -> web.Response:
     return _infer_response(resp, wanted, binary_out)
 
 
-async def _read_infer_body(request: web.Request, max_bytes: int) -> tuple[dict[str, Any], memoryview]:
+async def _read_infer_body(
+    request: web.Request, max_bytes: int
+) -> tuple[dict[str, Any], memoryview]:
     length = request.headers.get(HEADER_LENGTH)
     if length is None:
         header = await read_json(request, max_bytes)
@@ -122,11 +126,15 @@ def _parse_inputs(header: dict[str, Any], binary: memoryview) -> list[Tensor]:
         try:
             name, datatype, shape = spec["name"], spec["datatype"], [int(d) for d in spec["shape"]]
         except (KeyError, TypeError, ValueError):
-            raise ClientError("each input needs name, datatype and shape", code="invalid_tensor") from None
+            raise ClientError(
+                "each input needs name, datatype and shape", code="invalid_tensor"
+            ) from None
         size = (spec.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             if offset + size > len(binary):
-                raise ClientError(f"input {name!r}: binary data is truncated", code="invalid_tensor")
+                raise ClientError(
+                    f"input {name!r}: binary data is truncated", code="invalid_tensor"
+                )
             tensors.append(from_bytes(name, datatype, shape, binary[offset : offset + size]))
             offset += size
         elif "data" in spec:
@@ -165,7 +173,9 @@ def _parse_outputs(header: dict[str, Any]) -> tuple[list[str], dict[str, bool]]:
     return names, binary
 
 
-def _infer_response(resp: InferResponse, wanted: list[str], binary: dict[str, bool]) -> web.Response:
+def _infer_response(
+    resp: InferResponse, wanted: list[str], binary: dict[str, bool]
+) -> web.Response:
     order = wanted or list(resp.outputs)
     outputs, chunks = [], []
     for name in order:
@@ -180,7 +190,11 @@ def _infer_response(resp: InferResponse, wanted: list[str], binary: dict[str, bo
         else:
             entry["data"] = t.data.ravel().tolist()
         outputs.append(entry)
-    body: dict[str, Any] = {"model_name": resp.model, "model_version": resp.version, "outputs": outputs}
+    body: dict[str, Any] = {
+        "model_name": resp.model,
+        "model_version": resp.version,
+        "outputs": outputs,
+    }
     if resp.request_id:
         body["id"] = resp.request_id
     head = orjson.dumps(body)

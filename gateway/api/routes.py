@@ -20,7 +20,9 @@ async def predict(request: web.Request) -> web.Response:
     request[REQUEST_ID] = req.request_id
     request[LOG_FIELDS]["model"] = req.model_name
     pred = await request.app[SERVICE].predict(req)
-    request[LOG_FIELDS].update(version=pred.model_version, arm=pred.arm, fallback=pred.fallback_used)
+    request[LOG_FIELDS].update(
+        version=pred.model_version, arm=pred.arm, fallback=pred.fallback_used
+    )
     return json_response(pred.to_dict())
 
 

@@ -45,7 +45,9 @@ def _opt_str(body: Mapping[str, Any], key: str, where: str) -> str | None:
 
 def parse_predict(body: Any, max_deadline_ms: int, where: str = "") -> PredictRequest:
     if not isinstance(body, dict):
-        raise ClientError(f"{where}a prediction request must be a JSON object", code="invalid_request")
+        raise ClientError(
+            f"{where}a prediction request must be a JSON object", code="invalid_request"
+        )
     unknown = sorted(set(body) - _PREDICT_FIELDS)
     if unknown:
         raise ClientError(
@@ -92,12 +94,16 @@ def parse_batch(body: Any, max_items: int, max_deadline_ms: int) -> list[Predict
     """A JSON list of predict requests, or {"requests": [...]}."""
     items = body.get("requests") if isinstance(body, dict) else body
     if not isinstance(items, list) or not items:
-        raise ClientError("a batch is a non-empty list of prediction requests", code="invalid_request")
+        raise ClientError(
+            "a batch is a non-empty list of prediction requests", code="invalid_request"
+        )
     if len(items) > max_items:
         raise PayloadTooLarge(f"batch of {len(items)} exceeds the limit of {max_items}",
                               details={"limit": max_items})  # fmt: skip
     reqs = [parse_predict(b, max_deadline_ms, f"requests[{i}]: ") for i, b in enumerate(items)]
     ids = [r.request_id for r in reqs]
     if len(set(ids)) != len(ids):
-        raise ClientError("request_id values in a batch must be unique", code="duplicate_request_id")
+        raise ClientError(
+            "request_id values in a batch must be unique", code="duplicate_request_id"
+        )
     return reqs

@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway import errors
 from gateway.backends.base import InferRequest, InferResponse
-from gateway.tensors import Tensor, from_bytes, to_bytes
+from gateway.tensors import from_bytes, to_bytes
 
 _MAX_MESSAGE = 2**31 - 1
 _INT64_TYPES = {
@@ -41,7 +41,9 @@ def map_grpc_errors(server: str, model: str = "") -> Iterator[None]:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             raise errors.DeadlineExceeded("backend call ran out of time", details=where) from exc
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-            raise errors.BackendUnavailable(f"backend unavailable: {detail}", details=where) from exc
+            raise errors.BackendUnavailable(
+                f"backend unavailable: {detail}", details=where
+            ) from exc
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             raise errors.Overloaded(f"backend overloaded: {detail}", details=where) from exc
         if code == grpc.StatusCode.NOT_FOUND or "unknown model" in detail:

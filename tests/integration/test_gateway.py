@@ -19,7 +19,9 @@ from tests.reference import forward, load_version
 
 
 def call(url: str, body: Any = None, method: str = "POST") -> tuple[int, dict[str, Any]]:
-    data = body if isinstance(body, bytes) else (None if body is None else json.dumps(body).encode())
+    data = (
+        body if isinstance(body, bytes) else (None if body is None else json.dumps(body).encode())
+    )
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Content-Type", "application/json")
     try:
@@ -156,7 +158,11 @@ def test_bad_input_never_reaches_triton(
 def test_unknown_version_on_oip_is_404ish(gateway: GatewayProcess) -> None:
     status, body = call(
         f"{gateway.url}/v2/models/risk/versions/77/infer",
-        {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 30], "data": [0.0] * 30}]},
+        {
+            "inputs": [
+                {"name": "features", "datatype": "FP32", "shape": [1, 30], "data": [0.0] * 30}
+            ]
+        },
     )
     assert status in (400, 404), body
     assert "77" in body["error"] or "version" in body["error"]
@@ -187,7 +193,8 @@ def test_every_answer_is_logged_once(gateway: GatewayProcess) -> None:
     ids = [f"log-{time.time_ns()}-{i}" for i in range(5)]
     for rid in ids:
         status, _ = call(
-            f"{gateway.url}/v1/predict", {"request_id": rid, "model_name": "risk", "features": [1.0] * 30}
+            f"{gateway.url}/v1/predict",
+            {"request_id": rid, "model_name": "risk", "features": [1.0] * 30},
         )
         assert status == 200
     deadline = time.monotonic() + 10
@@ -203,5 +210,7 @@ def test_every_answer_is_logged_once(gateway: GatewayProcess) -> None:
         time.sleep(0.05)
     assert sorted(e["request_id"] for e in logged) == sorted(ids)
     e = logged[0]
-    assert e["model"] == "risk" and e["version"] == "2" and e["policy_version"].startswith("routes@")
+    assert (
+        e["model"] == "risk" and e["version"] == "2" and e["policy_version"].startswith("routes@")
+    )
     assert len(e["input_hash"]) == 32 and e["output"]["decision"] in ("approve", "review", "deny")
