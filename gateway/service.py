@@ -58,7 +58,7 @@ class Prediction:
     explanations_ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        body = {
+        body: dict[str, Any] = {
             "request_id": self.request_id,
             "model_name": self.model_name,
             "model_version": self.model_version,
@@ -186,11 +186,10 @@ class InferenceService:
             for i, pred in zip(idx, answers, strict=True):
                 results[i] = pred
         latency_ms = (self.clock() - started) * 1000.0
-        preds = []
-        for pred in results:
-            assert pred is not None
+        preds = [p for p in results if p is not None]
+        assert len(preds) == len(planned), "every planned request gets an answer"
+        for pred in preds:
             pred.latency_ms = latency_ms
-            preds.append(pred)
         self._after_answer(planned, preds)
         return preds
 
