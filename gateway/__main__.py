@@ -157,7 +157,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"try       curl -s {url}/readyz")
         print(
             f"          curl -s {url}/v1/predict -H 'content-type: application/json' "
-            '-d \'{"model_name": "risk", "entity_id": "user-1", "features": {"f0": 0.1}}\'',
+            "-d @configs/examples/predict-risk.json",
             flush=True,
         )
         serve(settings)  # blocks; aiohttp handles SIGINT/SIGTERM and returns

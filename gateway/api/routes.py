@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -16,8 +17,10 @@ routes = web.RouteTableDef()
 async def predict(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     body = await read_json(request, settings.server.max_body_bytes)
-    req = parse_predict(body, settings.routing.max_deadline_ms)
-    request[REQUEST_ID] = req.request_id
+    req = parse_predict(body, settings.routing.max_deadline_ms, default_id=request[REQUEST_ID])
+    if req.request_id != request[REQUEST_ID]:  # the body names the prediction's id
+        request[REQUEST_ID] = req.request_id
+        structlog.contextvars.bind_contextvars(request_id=req.request_id)
     request[LOG_FIELDS]["model"] = req.model_name
     pred = await request.app[SERVICE].predict(req)
     request[LOG_FIELDS].update(

@@ -43,7 +43,9 @@ def _opt_str(body: Mapping[str, Any], key: str, where: str) -> str | None:
     return v
 
 
-def parse_predict(body: Any, max_deadline_ms: int, where: str = "") -> PredictRequest:
+def parse_predict(
+    body: Any, max_deadline_ms: int, where: str = "", default_id: str | None = None
+) -> PredictRequest:
     if not isinstance(body, dict):
         raise ClientError(
             f"{where}a prediction request must be a JSON object", code="invalid_request"
@@ -81,7 +83,7 @@ def parse_predict(body: Any, max_deadline_ms: int, where: str = "") -> PredictRe
             details={"field": "context.deadline_ms"},
         )
     return PredictRequest(
-        request_id=_opt_str(body, "request_id", where) or uuid.uuid4().hex,
+        request_id=_opt_str(body, "request_id", where) or default_id or uuid.uuid4().hex,
         model_name=model,
         features=body.get("features"),
         entity_id=_opt_str(body, "entity_id", where),

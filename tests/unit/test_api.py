@@ -139,3 +139,16 @@ async def test_health_ready_and_metrics(client: TestClient, backend) -> None:
     assert 'inference_latency_seconds_count{arm="champion",model="toy",version="2"} 1.0' in text
     backend.hang = True
     assert (await client.get("/readyz")).status == 503
+
+
+async def test_header_request_id_names_the_prediction_and_the_log_line(client: TestClient) -> None:
+    from structlog.testing import capture_logs
+
+    body = json.dumps({"model_name": "toy", "features": [1, 2, 3]}).encode()
+    with capture_logs() as logs:
+        resp = await client.post("/v1/predict", data=body, headers={"X-Request-ID": "hdr-1"})
+        assert resp.status == 200
+        assert (await resp.json())["request_id"] == "hdr-1"
+    access = [e for e in logs if e["event"] == "request"]
+    assert access and access[-1]["status"] == 200 and access[-1]["model"] == "toy"
+    assert resp.headers["X-Request-ID"] == "hdr-1"
