@@ -18,7 +18,13 @@ def load_version(version_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarra
 
 def forward(version_dir: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     """score/decision/confidence (+ probabilities for softmax models) for rows of x."""
-    manifest, w = load_version(version_dir)
+    return reference(*load_version(version_dir), x)
+
+
+def reference(
+    manifest: dict[str, Any], w: dict[str, np.ndarray], x: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The forward pass and decision rule of the manifest, from the weights alone."""
     h = (np.asarray(x, dtype=np.float64) - w["mean"]) / w["scale"]
     n_layers = len(manifest["architecture"]["layers"]) - 1
     for i in range(n_layers):

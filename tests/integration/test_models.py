@@ -3,157 +3,29 @@
 Outputs of every model version are compared with a numpy reference computed here from the
 committed weights.npz + manifest.json, and a tampered copy of the repository must leave the
 tampered versions unavailable while the others load.
-
-TODO: switch ``triton_real`` to the shared session fixture in tests/conftest.py once it lands.
+Served by the session's shared tritonserver (tests/conftest.py); the tamper test starts its own.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import queue
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as tritonclient_grpc
+
+from gateway.tritonserver import TritonServer
+from tests.reference import load_version as _load_version
+from tests.reference import reference
 
 pytestmark = pytest.mark.integration
 
-tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
-pytriton = pytest.importorskip("pytriton")
 
 REPO = Path(__file__).resolve().parents[2] / "model_repository"
-START_DEADLINE_S = 90.0
 ATOL = 1e-5
-
-
-# ----------------------------------------------------------------------------- server helper
-
-
-@dataclass
-class TritonServer:
-    http_url: str  # host:port
-    grpc_url: str  # host:port
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _http_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
-
-
-def _wait_for(
-    pred: Callable[[], bool], deadline_s: float, proc: subprocess.Popen, what: str, log_path: Path
-) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"tritonserver exited ({proc.returncode}) before {what}:\n"
-                + log_path.read_text(errors="replace")[-4000:]
-            )
-        time.sleep(0.2)  # polling interval, not synchronization
-    raise TimeoutError(
-        f"{what} not reached in {deadline_s}s:\n" + log_path.read_text(errors="replace")[-4000:]
-    )
-
-
-@contextlib.contextmanager
-def run_tritonserver(repo: Path, *extra_args: str, wait: str = "ready") -> Iterator[TritonServer]:
-    """Start the wheel's tritonserver on free ports; wait for /v2/health/{wait}; stop on exit."""
-    sp = Path(pytriton.__file__).resolve().parent.parent
-    triton = sp / "pytriton" / "tritonserver"
-    venv_bin = Path(sys.executable).parent
-    pyver = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    with tempfile.TemporaryDirectory(prefix="switchyard-triton-") as tmp:
-        backends = Path(tmp) / "backends"
-        shutil.copytree(triton / "backends" / "python", backends / "python")
-        shutil.copy2(
-            triton / "python_backend_stubs" / pyver / "triton_python_backend_stub",
-            backends / "python" / "triton_python_backend_stub",
-        )
-        env = dict(os.environ)
-        env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"  # stub runs python3 on PATH
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(sp / "nvidia_pytriton.libs"), env.get("LD_LIBRARY_PATH")) if p
-        )
-        http, grpc, metrics = _free_ports(3)
-        log_path = Path(tmp) / "tritonserver.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [
-                    str(triton / "bin" / "tritonserver"),
-                    f"--model-repository={repo}",
-                    f"--backend-directory={backends}",
-                    "--http-port",
-                    str(http),
-                    "--grpc-port",
-                    str(grpc),
-                    "--metrics-port",
-                    str(metrics),
-                    *extra_args,
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            url = f"http://127.0.0.1:{http}/v2/health/{wait}"
-            _wait_for(
-                lambda: _http_status(url) == 200,
-                START_DEADLINE_S,
-                proc,
-                f"/v2/health/{wait}",
-                log_path,
-            )
-            yield TritonServer(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", log_path)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=15)
-
-
-# ----------------------------------------------------------------------------- reference
 
 
 def versions() -> list[tuple[str, int]]:
@@ -169,38 +41,7 @@ VERSIONS = versions()
 
 
 def load_version(model: str, version: int) -> tuple[dict, dict[str, np.ndarray]]:
-    vdir = REPO / model / str(version)
-    manifest = json.loads((vdir / "manifest.json").read_text())
-    with np.load(vdir / "weights.npz", allow_pickle=False) as npz:
-        weights = {k: npz[k] for k in npz.files}
-    return manifest, weights
-
-
-def reference(manifest: dict, weights: dict[str, np.ndarray], x: np.ndarray) -> dict:
-    """Independent numpy forward pass + decision rule from the manifest."""
-    h = (x.astype(np.float64) - weights["mean"]) / weights["scale"]
-    n = len(manifest["architecture"]["layers"]) - 1
-    for i in range(n):
-        h = h @ weights[f"W{i}"] + weights[f"b{i}"]
-        if i < n - 1:
-            h = np.maximum(h, 0.0)
-    d = manifest["decision"]
-    if manifest["architecture"]["output_activation"] == "sigmoid":
-        score = 1.0 / (1.0 + np.exp(-h[:, 0]))
-        decision = [
-            d["approve_label"]
-            if s < d["approve_below"]
-            else d["deny_label"]
-            if s >= d["deny_at_or_above"]
-            else d["review_label"]
-            for s in score
-        ]
-        return {"score": score, "decision": decision, "confidence": np.maximum(score, 1 - score)}
-    e = np.exp(h - h.max(axis=1, keepdims=True))
-    probs = e / e.sum(axis=1, keepdims=True)
-    score = probs.max(axis=1)
-    decision = [d["labels"][i] for i in probs.argmax(axis=1)]
-    return {"score": score, "decision": decision, "confidence": score, "probabilities": probs}
+    return _load_version(REPO / model / str(version))
 
 
 def sample_inputs(manifest: dict) -> np.ndarray:
@@ -238,14 +79,8 @@ def check_outputs(manifest: dict, ref: dict, got: dict, rows: slice | None = Non
 
 
 @pytest.fixture(scope="module")
-def triton_real() -> Iterator[TritonServer]:
-    with run_tritonserver(REPO) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(triton_real):
-    c = tritonclient_grpc.InferenceServerClient(triton_real.grpc_url)
+def client(triton: TritonServer):
+    c = tritonclient_grpc.InferenceServerClient(triton.grpc_url)
     yield c
     c.close()
 
@@ -338,7 +173,7 @@ def test_non_finite_input_is_rejected(client):
         infer(client, "risk", 1, x, ["score"])
 
 
-def test_tampered_versions_fail_to_load_others_serve(tmp_path):
+def test_tampered_versions_fail_to_load_others_serve(tmp_path, triton_factory):
     """A version whose files do not match its manifest never becomes READY.
 
     Triton loads a model's versions all-or-nothing: when risk/2 fails, the good risk/1 is
@@ -354,39 +189,38 @@ def test_tampered_versions_fail_to_load_others_serve(tmp_path):
     (repo / "digits" / "1" / "extra.bin").write_bytes(b"not in the manifest")
     zeros = np.zeros((1, 30), np.float32)
 
-    with run_tritonserver(
+    server = triton_factory(  # stopped by the factory after the test
         repo,
-        "--exit-on-error=false",
-        "--strict-readiness=false",
-        "--model-control-mode=explicit",
-        "--load-model=*",
-        wait="live",
-    ) as server:
-        c = tritonclient_grpc.InferenceServerClient(server.grpc_url)
-        try:
-            index = {(m.name, int(m.version)): m for m in c.get_model_repository_index().models}
-            assert index[("risk", 2)].state == "UNAVAILABLE"
-            assert "integrity check failed" in index[("risk", 2)].reason
-            assert "weights.npz: sha256" in index[("risk", 2)].reason
-            assert index[("digits", 1)].state == "UNAVAILABLE"
-            assert "extra.bin: present but not listed" in index[("digits", 1)].reason
-            assert not c.is_model_ready("risk", "2")
-            assert not c.is_model_ready("digits", "1")
-            assert not c.is_model_ready("risk", "1")  # all-or-nothing per model
-            assert c.is_model_ready("risk_distilled", "1")
-            assert infer(c, "risk_distilled", 1, zeros, ["score"])["score"].shape == (1, 1)
-            with pytest.raises(tritonclient_grpc.InferenceServerException):
-                infer(c, "risk", 2, zeros, ["score"])
+        model_control_mode="explicit",
+        load_models=("*",),
+        exit_on_error=False,
+        extra_args=("--strict-readiness=false",),
+    )
+    c = tritonclient_grpc.InferenceServerClient(server.grpc_url)
+    try:
+        index = {(m.name, int(m.version)): m for m in c.get_model_repository_index().models}
+        assert index[("risk", 2)].state == "UNAVAILABLE"
+        assert "integrity check failed" in index[("risk", 2)].reason
+        assert "weights.npz: sha256" in index[("risk", 2)].reason
+        assert index[("digits", 1)].state == "UNAVAILABLE"
+        assert "extra.bin: present but not listed" in index[("digits", 1)].reason
+        assert not c.is_model_ready("risk", "2")
+        assert not c.is_model_ready("digits", "1")
+        assert not c.is_model_ready("risk", "1")  # all-or-nothing per model
+        assert c.is_model_ready("risk_distilled", "1")
+        assert infer(c, "risk_distilled", 1, zeros, ["score"])["score"].shape == (1, 1)
+        with pytest.raises(tritonclient_grpc.InferenceServerException):
+            infer(c, "risk", 2, zeros, ["score"])
 
-            # Recovery: reload 'risk' pinned to its intact version. The load API takes a full
-            # JSON config; risk_distilled (loaded) has risk's exact I/O schema and batching.
-            cfg = c.get_model_config("risk_distilled", as_json=True)["config"]
-            cfg.update(name="risk", version_policy={"specific": {"versions": [1]}})
-            c.load_model("risk", config=json.dumps(cfg))
-            assert c.is_model_ready("risk", "1")
-            assert not c.is_model_ready("risk", "2")
-            manifest, w = load_version("risk", 1)
-            got = infer(c, "risk", 1, zeros, manifest["outputs"])
-            check_outputs(manifest, reference(manifest, w, zeros), got)
-        finally:
-            c.close()
+        # Recovery: reload 'risk' pinned to its intact version. The load API takes a full
+        # JSON config; risk_distilled (loaded) has risk's exact I/O schema and batching.
+        cfg = c.get_model_config("risk_distilled", as_json=True)["config"]
+        cfg.update(name="risk", version_policy={"specific": {"versions": [1]}})
+        c.load_model("risk", config=json.dumps(cfg))
+        assert c.is_model_ready("risk", "1")
+        assert not c.is_model_ready("risk", "2")
+        manifest, w = load_version("risk", 1)
+        got = infer(c, "risk", 1, zeros, manifest["outputs"])
+        check_outputs(manifest, reference(manifest, w, zeros), got)
+    finally:
+        c.close()
