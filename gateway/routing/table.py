@@ -1,12 +1,15 @@
 """Route files -> an immutable, validated RouteTable, swapped atomically on reload.
 
 One YAML file per public model name (`configs/routes/<model>.yaml`). `policy_version` is the
-content hash of the file, so every answer names the exact policy that produced it.
+content hash of the file, so every answer names the exact policy that produced it. Validation
+errors name the file, the line and the field (`risk.yaml:4: challengers[0].weight: ...`), from
+the YAML node marks, so a broken edit is found without reading the loader.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +20,14 @@ import yaml
 
 from gateway.catalog import ModelCatalog
 from gateway.errors import ModelNotFound
+from gateway.routing.split import BUCKETS, Arm, Split
+
+_KEYS = {"model", "champion", "challengers", "segments", "shadow", "fallback", "slo"}
+_TARGET_KEYS = {"target", "version"}
 
 
 class RouteError(ValueError):
-    """A route file that cannot be used; the message names the file and field."""
+    """A route file that cannot be used; the message names the file, line and field."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +56,27 @@ class Slo:
 
 
 @dataclass(frozen=True, slots=True)
+class Segment:
+    """Requests whose `context` matches every field (a value or a list of values) go to
+    `target`; the first matching segment in file order wins, before any split."""
+
+    name: str
+    match: Mapping[str, tuple[Any, ...]]
+    target: Target
+
+    def matches(self, context: Mapping[str, Any]) -> bool:
+        return all(context.get(k) in allowed for k, allowed in self.match.items())
+
+
+@dataclass(frozen=True, slots=True)
+class Shadow:
+    """A copy of a `sample` fraction of requests, sent after the answer, never returned."""
+
+    target: Target
+    sample: float
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     champion: Target
@@ -57,10 +85,41 @@ class Route:
     fallback: Fallback = field(default_factory=Fallback)
     slo: Slo = field(default_factory=Slo)
     raw: Mapping[str, Any] = field(default_factory=dict)
+    split: Split | None = None
+    segments: tuple[Segment, ...] = ()
+    shadows: tuple[Shadow, ...] = ()
 
     @property
     def deadline_ms(self) -> int | None:
         return self.slo.deadline_ms
+
+    def choose(
+        self, entity_id: str | None, context: Mapping[str, Any], rng: random.Random
+    ) -> tuple[Target, str]:
+        """The target and arm name for one request: segments first, then the split."""
+        for seg in self.segments:
+            if seg.matches(context):
+                return seg.target, f"segment:{seg.name}"
+        if self.split is None:
+            return self.champion, "champion"
+        key = None
+        if self.split.sticky is not None:
+            value = (
+                entity_id if self.split.sticky == "entity_id" else context.get(self.split.sticky)
+            )
+            key = None if value is None else str(value)
+        arm = self.split.pick(key, rng)
+        return arm.target, arm.name
+
+    def targets(self) -> set[Target]:
+        """Every target this route can send a request to (answers, shadows, fallback)."""
+        found = {self.champion}
+        if self.split is not None:
+            found |= {a.target for a in self.split.arms}
+        found |= {s.target for s in self.segments} | {s.target for s in self.shadows}
+        if self.fallback.target is not None:
+            found.add(self.fallback.target)
+        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,79 +134,229 @@ class RouteTable:
                 f"no route for model {name!r}", details={"known": sorted(self.routes)}
             ) from None
 
+    def targets(self) -> set[Target]:
+        return set().union(*(r.targets() for r in self.routes.values()))
+
 
 def policy_version(content: bytes) -> str:
     return "routes@" + hashlib.sha256(content).hexdigest()[:12]
 
 
-def _target(value: Any, where: str) -> Target:
-    if not isinstance(value, Mapping) or "target" not in value or "version" not in value:
-        raise RouteError(f"{where}: expected {{target: <model>, version: <n>}}")
-    return Target(str(value["target"]), str(value["version"]))
+# -- parsing with line numbers ------------------------------------------------------------
+
+
+Path_ = tuple[str | int, ...]
+
+
+class _Doc:
+    """The parsed file plus the line of every key path, for errors that point at the edit."""
+
+    def __init__(self, content: bytes, source: str) -> None:
+        self.source = source
+        self.lines: dict[Path_, int] = {}
+        try:
+            node = yaml.compose(content, Loader=yaml.SafeLoader)
+            self.data = yaml.safe_load(content)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise RouteError(f"{source}{line}: invalid YAML: {exc}") from exc
+        if node is not None:
+            self._index(node, ())
+
+    def _index(self, node: yaml.Node, path: Path_) -> None:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = (*path, str(key.value))
+                self.lines[sub] = key.start_mark.line + 1
+                self._index(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._index(item, (*path, i))
+
+    def error(self, path: Path_, message: str) -> RouteError:
+        line = next(
+            (self.lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in self.lines), 1
+        )
+        return RouteError(f"{self.source}:{line}: {_dotted(path) or '<file>'}: {message}")
+
+
+def _dotted(path: Path_) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+def _mapping(doc: _Doc, value: Any, path: Path_, allowed: set[str]) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise doc.error(path, f"expected a mapping with keys {sorted(allowed)}")
+    unknown = sorted(set(map(str, value)) - allowed)
+    if unknown:
+        raise doc.error((*path, unknown[0]), f"unknown field; allowed: {sorted(allowed)}")
+    return value
+
+
+def _target(doc: _Doc, value: Any, path: Path_, extra: frozenset[str] = frozenset()) -> Target:
+    m = _mapping(doc, value, path, _TARGET_KEYS | extra)
+    for key in ("target", "version"):
+        if m.get(key) in (None, ""):
+            raise doc.error((*path, key) if key in m else path, f"'{key}' is required")
+    return Target(str(m["target"]), str(m["version"]))
+
+
+def _number(doc: _Doc, m: Mapping[str, Any], key: str, path: Path_, lo: float, hi: float) -> float:
+    v = m[key]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+        raise doc.error((*path, key), f"expected a number in [{lo:g}, {hi:g}], got {v!r}")
+    return float(v)
+
+
+def _list(doc: _Doc, data: Mapping[str, Any], key: str) -> list[Any]:
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise doc.error((key,), "expected a list")
+    return value
 
 
 def parse_route(content: bytes, source: str) -> Route:
-    try:
-        data = yaml.safe_load(content)
-    except yaml.YAMLError as exc:
-        raise RouteError(f"{source}: invalid YAML: {exc}") from exc
-    if not isinstance(data, Mapping) or "model" not in data or "champion" not in data:
-        raise RouteError(f"{source}: a route needs 'model' and 'champion'")
+    doc = _Doc(content, source)
+    data = _mapping(doc, doc.data, (), _KEYS)
+    for key in ("model", "champion"):
+        if key not in data:
+            raise doc.error((), f"a route needs '{key}'")
+    name = str(data["model"])
+    champion = _target(doc, data["champion"], ("champion",))
     return Route(
-        name=str(data["model"]),
-        champion=_target(data["champion"], f"{source}: champion"),
+        name=name,
+        champion=champion,
         policy_version=policy_version(content),
         source=source,
-        fallback=_fallback(data.get("fallback"), f"{source}: fallback"),
-        slo=_slo(data.get("slo"), f"{source}: slo"),
+        fallback=_fallback(doc, data.get("fallback")),
+        slo=_slo(doc, data.get("slo")),
         raw=MappingProxyType(dict(data)),
+        split=_split(doc, data, name, champion),
+        segments=tuple(_segment(doc, s, i) for i, s in enumerate(_list(doc, data, "segments"))),
+        shadows=tuple(_shadow(doc, s, i) for i, s in enumerate(_list(doc, data, "shadow"))),
     )
 
 
-def _fallback(value: Any, where: str) -> Fallback:
+def _split(doc: _Doc, data: Mapping[str, Any], name: str, champion: Target) -> Split | None:
+    items = _list(doc, data, "challengers")
+    if not items:
+        return None
+    arms: list[Arm] = []
+    sticky_keys: set[str | None] = set()
+    total = 0
+    for i, item in enumerate(items):
+        path: Path_ = ("challengers", i)
+        target = _target(doc, item, path, frozenset({"weight", "sticky"}))
+        if "weight" not in item:
+            raise doc.error(path, "'weight' (percent of traffic, 0-100) is required")
+        weight = _number(doc, item, "weight", path, 0, 100)
+        buckets = round(weight * BUCKETS / 100)
+        if abs(buckets - weight * BUCKETS / 100) > 1e-6:
+            raise doc.error((*path, "weight"), "at most two decimals (10,000 buckets)")
+        if target == champion:
+            raise doc.error(path, f"{target} is already the champion")
+        if any(a.target == target for a in arms):
+            raise doc.error(path, f"{target} is listed twice")
+        sticky = item.get("sticky")
+        if sticky is not None and (not isinstance(sticky, str) or not sticky):
+            raise doc.error((*path, "sticky"), "expected a request field such as entity_id")
+        sticky_keys.add(sticky)
+        total += buckets
+        arms.append(Arm(f"challenger:{target}", target, buckets))
+    if len(sticky_keys) > 1:
+        raise doc.error(("challengers",), "every challenger must use the same 'sticky' key")
+    if total > BUCKETS:
+        raise doc.error(("challengers",), f"weights add up to {total / 100:g} % (over 100)")
+    return Split.layout(
+        salt=name,
+        champion=Arm("champion", champion, BUCKETS - total),
+        challengers=tuple(arms),
+        sticky=sticky_keys.pop(),
+    )
+
+
+def _segment(doc: _Doc, value: Any, i: int) -> Segment:
+    path: Path_ = ("segments", i)
+    target = _target(doc, value, path, frozenset({"match", "name"}))
+    match = value.get("match")
+    if not isinstance(match, Mapping) or not match:
+        where = (*path, "match") if "match" in value else path
+        raise doc.error(where, "'match' must map context fields to a value or list of values")
+    allowed = {str(k): tuple(v) if isinstance(v, list) else (v,) for k, v in match.items()}
+    return Segment(str(value.get("name") or i), MappingProxyType(allowed), target)
+
+
+def _shadow(doc: _Doc, value: Any, i: int) -> Shadow:
+    path: Path_ = ("shadow", i)
+    target = _target(doc, value, path, frozenset({"sample"}))
+    sample = _number(doc, value, "sample", path, 0, 1) if "sample" in value else 1.0
+    return Shadow(target, sample)
+
+
+def _fallback(doc: _Doc, value: Any) -> Fallback:
     if value is None:
         return Fallback()
-    if not isinstance(value, Mapping):
-        raise RouteError(f"{where}: expected a mapping")
-    default = value.get("default")
+    path: Path_ = ("fallback",)
+    m = _mapping(doc, value, path, _TARGET_KEYS | {"cache_ttl_s", "default"})
+    default = m.get("default")
     if default is not None and not isinstance(default, Mapping):
-        raise RouteError(f"{where}.default: expected a mapping such as {{score: 0.5}}")
+        raise doc.error((*path, "default"), "expected a mapping such as {score: 0.5}")
+    has_target = "target" in m or "version" in m
     return Fallback(
-        target=_target(value, where) if "target" in value else None,
-        cache_ttl_s=float(value.get("cache_ttl_s", 0)),
+        target=_target(doc, {k: m.get(k) for k in _TARGET_KEYS}, path) if has_target else None,
+        cache_ttl_s=_number(doc, m, "cache_ttl_s", path, 0, 1e9) if "cache_ttl_s" in m else 0.0,
         default=MappingProxyType(dict(default)) if default is not None else None,
     )
 
 
-def _slo(value: Any, where: str) -> Slo:
+def _slo(doc: _Doc, value: Any) -> Slo:
     if value is None:
         return Slo()
-    if not isinstance(value, Mapping):
-        raise RouteError(f"{where}: expected a mapping")
-    try:
-        return Slo(
-            p99_ms=float(value["p99_ms"]) if "p99_ms" in value else None,
-            error_rate=float(value["error_rate"]) if "error_rate" in value else None,
-            deadline_ms=int(value["deadline_ms"]) if "deadline_ms" in value else None,
-        )
-    except (TypeError, ValueError) as exc:
-        raise RouteError(f"{where}: {exc}") from exc
+    path: Path_ = ("slo",)
+    m = _mapping(doc, value, path, {"p99_ms", "error_rate", "deadline_ms"})
+    return Slo(
+        p99_ms=_number(doc, m, "p99_ms", path, 0, 1e9) if "p99_ms" in m else None,
+        error_rate=_number(doc, m, "error_rate", path, 0, 1) if "error_rate" in m else None,
+        deadline_ms=int(_number(doc, m, "deadline_ms", path, 1, 1e9))
+        if "deadline_ms" in m
+        else None,
+    )
+
+
+# -- the table ----------------------------------------------------------------------------
+
+
+def check_targets(route: Route, catalog: ModelCatalog) -> None:
+    """Every target must be a model version the repository holds (its manifest is known)."""
+    for target in sorted(route.targets(), key=str):
+        try:
+            catalog.schema(target.model, target.version)
+        except Exception as exc:
+            raise RouteError(f"{route.source}: {target}: {exc}") from exc
 
 
 def load_route_table(routes_dir: Path, catalog: ModelCatalog | None = None) -> RouteTable:
     """Read and validate every `*.yaml` in the directory; raises RouteError on the first bad one."""
     routes: dict[str, Route] = {}
     for path in sorted(routes_dir.glob("*.yaml")):
-        route = parse_route(path.read_bytes(), str(path))
+        try:
+            content = path.read_bytes()
+        except OSError as exc:
+            raise RouteError(f"{path}: cannot read: {exc}") from exc
+        route = parse_route(content, str(path))
         if route.name in routes:
             raise RouteError(
                 f"{path}: model {route.name!r} already routed by {routes[route.name].source}"
             )
         if catalog is not None:
-            try:
-                catalog.schema(route.champion.model, route.champion.version)
-            except Exception as exc:
-                raise RouteError(f"{path}: champion: {exc}") from exc
+            check_targets(route, catalog)
         routes[route.name] = route
     if not routes:
         raise RouteError(f"{routes_dir}: no route files (*.yaml)")

@@ -1,0 +1,178 @@
+"""`python -m gateway routes ...`: check route files (CI for a config repo), set a weight.
+
+`set-weight` is the human path of a rollout: it edits the YAML with ruamel.yaml so comments and
+layout survive, validates the result exactly as the gateway will, and replaces the file
+atomically (temp file in the same directory + os.replace), so the hot reloader never reads a
+half-written file. Gateway modules are imported inside the handlers to keep the CLI light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def add_routes_parser(sub: Any) -> None:
+    routes = sub.add_parser("routes", help="check route files; change a challenger's weight")
+    rsub = routes.add_subparsers(dest="routes_command", required=True, metavar="ACTION")
+
+    check = rsub.add_parser("check", help="validate route files; exit 1 listing the errors")
+    check.add_argument("files", nargs="*", type=Path, help="default: every file in routes_dir")
+    _common(check)
+    check.set_defaults(handler=cmd_check)
+
+    sw = rsub.add_parser("set-weight", help="set a challenger's weight (percent) in place")
+    sw.add_argument("model", help="public model name (the route's `model`)")
+    sw.add_argument("--version", required=True, help="the challenger's version")
+    sw.add_argument("--target", default=None, help="the challenger's target model (if ambiguous)")
+    sw.add_argument("--weight", required=True, type=float, help="percent of traffic, 0-100")
+    _common(sw)
+    sw.set_defaults(handler=cmd_set_weight)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=Path("configs/gateway.yaml"))
+    parser.add_argument("--routes-dir", type=Path, default=None, help="override routing.routes_dir")
+    parser.add_argument(
+        "--no-catalog", action="store_true", help="skip checking targets against the repository"
+    )
+
+
+def _dirs(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    from gateway.config import load_settings
+
+    config = args.config if args.config.exists() else None
+    routing = load_settings(config).routing
+    repo = None if args.no_catalog else routing.model_repository
+    return args.routes_dir or routing.routes_dir, repo
+
+
+def _catalog(repo: Path | None) -> Any:
+    from gateway.catalog import ModelCatalog
+
+    return ModelCatalog.load(repo) if repo is not None and repo.is_dir() else None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gateway.routing.table import RouteError, check_targets, load_route_table, parse_route
+
+    routes_dir, repo = _dirs(args)
+    catalog = _catalog(repo)
+    errors = 0
+    if not args.files:
+        try:
+            table = load_route_table(routes_dir, catalog)
+        except RouteError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        for name, route in sorted(table.routes.items()):
+            print(f"ok  {route.source}  {name}  {route.policy_version}")
+        return 0
+    for path in args.files:
+        try:
+            route = parse_route(path.read_bytes(), str(path))
+            if catalog is not None:
+                check_targets(route, catalog)
+        except (RouteError, OSError) as exc:
+            errors += 1
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            print(f"ok  {path}  {route.name}  {route.policy_version}")
+    return 1 if errors else 0
+
+
+def cmd_set_weight(args: argparse.Namespace) -> int:
+    from gateway.routing.table import RouteError
+
+    routes_dir, repo = _dirs(args)
+    try:
+        path = set_weight(
+            routes_dir, args.model, args.version, args.weight, args.target, _catalog(repo)
+        )
+    except RouteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: {args.model} v{args.version} weight {args.weight:g} %")
+    return 0
+
+
+def set_weight(
+    routes_dir: Path,
+    model: str,
+    version: str,
+    weight: float,
+    target: str | None = None,
+    catalog: Any = None,
+) -> Path:
+    """Rewrite the route file of ``model`` with the challenger's new weight; return its path."""
+    from ruamel.yaml import YAML
+
+    from gateway.routing.table import RouteError, check_targets, parse_route
+
+    yaml = YAML()  # round-trip: comments, order, flow style and quotes survive
+    yaml.preserve_quotes = True
+    yaml.width = 4096  # never re-wrap long flow mappings
+    path, doc = _find_route(routes_dir, model, yaml)
+    challengers = doc.get("challengers") or []
+    matches = [
+        c
+        for c in challengers
+        if str(c.get("version")) == version and (target is None or str(c.get("target")) == target)
+    ]
+    if not matches:
+        champion = doc.get("champion") or {}
+        hint = (
+            " (it is the champion, which takes what the challengers leave)"
+            if str(champion.get("version")) == version
+            else ""
+        )
+        raise RouteError(f"{path}: no challenger with version {version!r}{hint}")
+    if len(matches) > 1:
+        raise RouteError(f"{path}: several challengers have version {version!r}; pass --target")
+    matches[0]["weight"] = int(weight) if float(weight).is_integer() else weight
+    out = io.StringIO()
+    yaml.dump(doc, out)
+    content = out.getvalue().encode()
+    route = parse_route(content, str(path))  # never write what the gateway would reject
+    if catalog is not None:
+        check_targets(route, catalog)
+    _atomic_write(path, content)
+    return path
+
+
+def _find_route(routes_dir: Path, model: str, yaml: Any) -> tuple[Path, Any]:
+    from ruamel.yaml.util import load_yaml_guess_indent
+
+    candidates = [routes_dir / f"{model}.yaml", *sorted(routes_dir.glob("*.yaml"))]
+    for path in dict.fromkeys(candidates):
+        if path.is_file():
+            text = path.read_text()
+            _, indent, offset = load_yaml_guess_indent(text)
+            if indent is not None:  # keep the file's own list indentation ("  - " or "- ")
+                offset = offset or 0
+                yaml.indent(mapping=max(2, indent - offset), sequence=indent, offset=offset)
+            doc = yaml.load(text)
+            if isinstance(doc, dict) and str(doc.get("model")) == model:
+                return path, doc
+    from gateway.routing.table import RouteError
+
+    raise RouteError(f"{routes_dir}: no route file for model {model!r}")
+
+
+def _atomic_write(path: Path, content: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

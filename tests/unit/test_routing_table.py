@@ -1,0 +1,110 @@
+"""Route files: what they may say, and errors that name the file, line and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.__main__ import main
+from gateway.catalog import ModelCatalog
+from gateway.routing.table import RouteError, load_route_table, parse_route
+
+REPO = Path(__file__).resolve().parents[2]
+
+GOOD = """\
+model: risk
+champion: {target: risk, version: "2"}
+challengers:
+  - {target: risk, version: "1", weight: 10, sticky: entity_id}
+segments:
+  - {match: {segment: eu}, target: risk, version: "1"}
+shadow:
+  - {target: risk_distilled, version: "1", sample: 0.2}
+fallback: {target: risk_distilled, version: "1", default: {score: 0.5}}
+slo: {p99_ms: 100, error_rate: 0.001, deadline_ms: 80}
+"""
+
+
+def test_a_full_route_parses() -> None:
+    r = parse_route(GOOD.encode(), "risk.yaml")
+    assert r.split is not None and r.split.weights() == {
+        "champion": 90.0,
+        "challenger:risk@1": 10.0,
+    }
+    assert r.split.sticky == "entity_id"
+    assert r.segments[0].matches({"segment": "eu"}) and not r.segments[0].matches({})
+    assert r.shadows[0].sample == 0.2
+    assert r.slo.deadline_ms == 80 and r.fallback.default == {"score": 0.5}
+    assert r.policy_version == parse_route(GOOD.encode(), "other.yaml").policy_version
+    assert r.policy_version != parse_route(GOOD.replace("10", "11").encode(), "x").policy_version
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "where"),
+    [
+        ("weight: 10", "weight: 150", "risk.yaml:4: challengers[0].weight: expected a number"),
+        ("weight: 10", "weight: ten", "risk.yaml:4: challengers[0].weight"),
+        ("weight: 10", "weight: 10.001", "risk.yaml:4: challengers[0].weight: at most two"),
+        (", weight: 10", "", "risk.yaml:4: challengers[0]: 'weight'"),
+        ("sticky: entity_id", "stiky: entity_id", "risk.yaml:4: challengers[0].stiky: unknown"),
+        ('version: "1", weight', 'version: "2", weight', "risk.yaml:4: challengers[0]: risk@2 is"),
+        ("sample: 0.2", "sample: 2", "risk.yaml:8: shadow[0].sample"),
+        ("match: {segment: eu}, ", "", "risk.yaml:6: segments[0]: 'match'"),
+        (
+            'champion: {target: risk, version: "2"}',
+            "champion: {target: risk}",
+            "risk.yaml:2: champion: 'version' is required",
+        ),
+        ("slo:", "sloo:", "risk.yaml:10: sloo: unknown field"),
+        ("error_rate: 0.001", "error_rate: 5", "risk.yaml:10: slo.error_rate"),
+        ("model: risk\n", "", "risk.yaml:1: <file>: a route needs 'model'"),
+        ("challengers:", "challengers: [", "risk.yaml:"),
+    ],
+)
+def test_errors_name_file_line_and_field(old: str, new: str, where: str) -> None:
+    assert old in GOOD
+    with pytest.raises(RouteError) as err:
+        parse_route(GOOD.replace(old, new, 1).encode(), "risk.yaml")
+    assert str(err.value).startswith(where), str(err.value)
+
+
+def test_weights_over_100_percent_are_rejected() -> None:
+    text = GOOD.replace(
+        "challengers:\n",
+        'challengers:\n  - {target: risk, version: "3", weight: 95, sticky: entity_id}\n',
+    )
+    with pytest.raises(RouteError, match=r"risk.yaml:3: challengers: weights add up to 105"):
+        parse_route(text.encode(), "risk.yaml")
+
+
+def test_mixed_sticky_keys_are_rejected() -> None:
+    text = GOOD.replace(
+        "challengers:\n", 'challengers:\n  - {target: risk, version: "3", weight: 5}\n'
+    )
+    with pytest.raises(RouteError, match="same 'sticky' key"):
+        parse_route(text.encode(), "risk.yaml")
+
+
+def test_unknown_versions_are_rejected_against_the_repository(tmp_path: Path) -> None:
+    (tmp_path / "risk.yaml").write_text(
+        GOOD.replace('version: "1", sample', 'version: "9", sample')
+    )
+    with pytest.raises(RouteError, match=r"risk_distilled@9: .*no version '9'"):
+        load_route_table(tmp_path, ModelCatalog.load(REPO / "model_repository"))
+
+
+def test_shipped_routes_are_valid_and_risk_has_a_sticky_canary() -> None:
+    table = load_route_table(REPO / "configs/routes", ModelCatalog.load(REPO / "model_repository"))
+    risk = table.get("risk")
+    assert risk.split is not None and risk.split.sticky == "entity_id"
+    assert 0 < risk.split.weights()["challenger:risk@1"] < 50
+
+
+def test_cli_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(GOOD)
+    bad.write_text(GOOD.replace("weight: 10", "weight: -1"))
+    assert main(["routes", "check", str(good)]) == 0
+    assert main(["routes", "check", str(good), str(bad)]) == 1
+    assert f"{bad}:4: challengers[0].weight" in capsys.readouterr().err
