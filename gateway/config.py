@@ -17,6 +17,11 @@ from typing import Any
 
 import yaml
 
+from gateway.resilience.admission import AdmissionLimits
+from gateway.resilience.breaker import BreakerPolicy
+from gateway.resilience.fallback import FallbackPolicy
+from gateway.resilience.retry import RetryPolicy
+
 ENV_PREFIX = "SWITCHYARD__"
 
 
@@ -34,12 +39,44 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class ServerSpec:
+    """One Triton server of the pool. ``models`` empty: it is asked for every model."""
+
+    name: str
+    grpc_url: str
+    models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TritonSettings:
     grpc_url: str = "127.0.0.1:8001"
     http_url: str = "http://127.0.0.1:8000"
     metrics_url: str = "http://127.0.0.1:8002/metrics"
     #: Budget for control-plane calls (metadata, readiness), which have no request deadline.
     control_timeout_s: float = 2.0
+    #: The pool of servers; empty: one server named "triton" at grpc_url.
+    servers: tuple[ServerSpec, ...] = ()
+    #: Models the local stack (`python -m gateway up`) serves from its own fallback Triton.
+    fallback_models: tuple[str, ...] = ("risk_distilled",)
+    health_interval_s: float = 0.5
+    health_timeout_s: float = 0.5
+
+    def server_specs(self) -> tuple[ServerSpec, ...]:
+        return self.servers or (ServerSpec("triton", self.grpc_url),)
+
+
+@dataclass(frozen=True)
+class ResilienceSettings:
+    """Breakers, retries, admission control and the fallback ladder (gateway/resilience)."""
+
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    fallback: FallbackPolicy = field(default_factory=FallbackPolicy)
+    #: In-process LRU of answers by input hash (cache rung, response cache); Redis behind it
+    #: when redis.url is set.
+    cache_max_entries: int = 10_000
+    cache_redis_timeout_s: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -48,6 +85,25 @@ class RoutingSettings:
     model_repository: Path = Path("model_repository")
     default_deadline_ms: int = 1000
     max_deadline_ms: int = 30_000
+    #: How often the routes directory is polled for edits (SIGHUP reloads at once).
+    reload_interval_s: float = 0.5
+    reload_on_sighup: bool = True
+    #: Load a routed version missing from Triton through its model-control API (explicit mode).
+    load_versions: bool = True
+    #: Budget for loading a version and running its manifest probe before it may take traffic.
+    readiness_timeout_s: float = 60.0
+    #: Shadow copies in flight at once; more are dropped (and counted), never queued.
+    shadow_max_in_flight: int = 64
+    shadow_timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    #: Empty: no Redis; the prediction log stays in the on-disk spool, and features/feedback
+    #: answer 503.
+    url: str = ""
+    connect_timeout_s: float = 0.5
+    socket_timeout_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +112,44 @@ class PredlogSettings:
     buffer_size: int = 10_000
     flush_interval_s: float = 0.05
     fsync: bool = False
+    batch_size: int = 500
+    stream_prefix: str = "predictions"
+    #: Approximate stream length kept per model (XADD MAXLEN ~); 0 keeps everything.
+    maxlen: int = 1_000_000
+    #: How long a request_id is remembered to make spool replays idempotent.
+    dedupe_ttl_s: int = 86_400
+    retry_interval_s: float = 1.0
+    segment_bytes: int = 16 << 20
+    #: Share of entries that carry the full (redacted) input payload.
+    sample_rate: float = 0.0
+    #: Key for hashing redacted fields, so low-entropy ids cannot be looked up by brute force.
+    redact_salt: str = ""
+    #: Per public model name: {hash: [field...], drop: [field...], sample_rate: x}.
+    policies: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FeaturesSettings:
+    key_prefix: str = "features"
+    timeout_ms: float = 20.0
+    cache_ttl_s: float = 1.0
+    cache_size: int = 10_000
+
+
+@dataclass(frozen=True)
+class FeedbackSettings:
+    label_prefix: str = "label"
+    label_ttl_s: int = 30 * 86_400
+    #: Continuous label join inside the gateway; 0 disables it.
+    join_interval_s: float = 0.0
+    join_window_s: float = 86_400.0
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    #: Scrape Triton's metrics endpoint for batch fill and queue time; 0 disables it.
+    triton_scrape_interval_s: float = 5.0
+    gpu: bool = True
 
 
 @dataclass(frozen=True)
@@ -70,6 +164,11 @@ class Settings:
     triton: TritonSettings = field(default_factory=TritonSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     predlog: PredlogSettings = field(default_factory=PredlogSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    features: FeaturesSettings = field(default_factory=FeaturesSettings)
+    feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def resolve_paths(self, base: Path) -> Settings:
@@ -100,7 +199,8 @@ def load_settings(
     for key, value in (os.environ if env is None else env).items():
         if key.startswith(ENV_PREFIX):
             section, _, name = key[len(ENV_PREFIX) :].lower().partition("__")
-            data.setdefault(section, {})[name] = yaml.safe_load(value)
+            # An empty value means an empty string (e.g. "no Redis"), not YAML null.
+            data.setdefault(section, {})[name] = yaml.safe_load(value) if value else ""
     for key, value in overrides.items():
         if value is None:
             continue

@@ -18,7 +18,10 @@ Foreign exceptions (grpc, tritonclient, redis) are translated at their boundary.
     ├── ServiceUnavailable               503 unavailable (+ Retry-After)
     │   ├── BackendUnavailable           503 backend_unavailable
     │   ├── Overloaded                   503 overloaded
-    │   └── NotReady                     503 not_ready
+    │   ├── NotReady                     503 not_ready
+    │   ├── FeatureStoreUnavailable      503 feature_store_unavailable
+    │   ├── FeedbackUnavailable          503 feedback_store_unavailable
+    │   └── StreamUnavailable            503 log_store_unavailable (internal: triggers spooling)
     └── DeadlineExceeded                 504 deadline_exceeded
 """
 
@@ -119,6 +122,20 @@ class Overloaded(ServiceUnavailable):
 
 class NotReady(ServiceUnavailable):
     default_code = "not_ready"
+
+
+class FeatureStoreUnavailable(ServiceUnavailable):
+    default_code = "feature_store_unavailable"
+
+
+class FeedbackUnavailable(ServiceUnavailable):
+    default_code = "feedback_store_unavailable"
+
+
+class StreamUnavailable(ServiceUnavailable):
+    """Redis refused or timed out; the prediction log spools the batch instead."""
+
+    default_code = "log_store_unavailable"
 
 
 class DeadlineExceeded(SwitchyardError):

@@ -1,97 +1,127 @@
-"""The on-disk prediction log: append-only JSONL segments fed from a bounded in-memory buffer.
+"""The on-disk prediction log: append-only JSONL segments.
 
-The request path only enqueues; a background task batches entries to disk. When the buffer is
-full the entry is written synchronously instead of dropped: logging may slow down, never lose.
+It holds the log while Redis is unreachable (or not configured, when it is the log itself)
+and whatever the in-process buffer could not take. Appends go to Python's file buffer, so the
+request path never waits on the disk; `sync` flushes (and fsyncs, when configured) from the
+writer task.
+
+Several gateway workers may share one directory. Each process writes its own segment
+(`predictions-<time_ns>-<pid>.jsonl`) and holds an exclusive `flock` on it while it is
+active; a replayer claims a segment with a non-blocking `flock`, so it never reads a segment
+that is still being written, and a dead worker's segment becomes claimable at once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import fcntl
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import structlog
 
-from gateway.metrics import Metrics
-
 log = structlog.get_logger(__name__)
 
-SEGMENT_BYTES = 64 << 20
+PATTERN = "predictions-*.jsonl"
 
 
-class SpoolLog:
-    def __init__(
-        self,
-        directory: Path,
-        metrics: Metrics,
-        buffer_size: int = 10_000,
-        flush_interval_s: float = 0.05,
-        fsync: bool = False,
-    ) -> None:
+class Spool:
+    def __init__(self, directory: Path, fsync: bool = False, segment_bytes: int = 16 << 20):
         self.directory = directory
-        self._metrics = metrics
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue(buffer_size)
-        self._flush_interval_s = flush_interval_s
-        self._fsync = fsync
-        self._task: asyncio.Task[None] | None = None
-        self._file: Any = None
-        self._segment = 0
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self._file: IO[bytes] | None = None
+        self._seq = 0
+        #: Entries this process appended and has not seen replayed (an estimate for the lag).
+        self.pending = 0
 
-    async def start(self) -> None:
+    def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._task = asyncio.create_task(self._run(), name="predlog-spool")
 
-    def record(self, entry: dict[str, Any]) -> None:
-        line = orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
-        try:
-            self._queue.put_nowait(line)
-        except asyncio.QueueFull:
-            self._write([line])
+    def append(self, entries: list[dict[str, Any]]) -> None:
+        """Buffered append to this process's active segment; raises OSError if unwritable."""
+        if not entries:
+            return
+        data = b"".join(
+            orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY, default=str) + b"\n" for e in entries
+        )
+        f = self._active()
+        f.write(data)
+        self.pending += len(entries)
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._write(self._drain())
+    def sync(self) -> None:
+        """Push appended entries to the OS (and the disk, with fsync); rotate a full segment."""
+        if self._file is None:
+            return
+        self._file.flush()
+        if self.fsync:
+            os.fsync(self._file.fileno())
+        if self._file.tell() >= self.segment_bytes:
+            self.seal()
+
+    def seal(self) -> None:
+        """Close the active segment; the next append starts a new one. Releases its lock."""
         if self._file is not None:
-            self._file.close()
+            self._file.flush()
+            if self.fsync:
+                os.fsync(self._file.fileno())
+            self._file.close()  # closing releases the flock
             self._file = None
 
-    def _drain(self) -> list[bytes]:
-        lines = []
-        while not self._queue.empty():
-            lines.append(self._queue.get_nowait())
-        return lines
+    close = seal
 
-    async def _run(self) -> None:
-        while True:
-            first = await self._queue.get()
-            await asyncio.sleep(self._flush_interval_s)  # let a batch accumulate
-            lines = [first, *self._drain()]
-            await asyncio.to_thread(self._write, lines)
+    def segments(self) -> list[Path]:
+        return sorted(self.directory.glob(PATTERN))
 
-    def _open(self) -> Any:
-        if self._file is None or self._file.tell() >= SEGMENT_BYTES:
-            if self._file is not None:
-                self._file.close()
-            existing = sorted(self.directory.glob("predictions-*.jsonl"))
-            if existing and existing[-1].stat().st_size < SEGMENT_BYTES:
-                path = existing[-1]
-            else:
-                path = self.directory / f"predictions-{len(existing):06d}.jsonl"
-            self._file = path.open("ab")
+    @contextmanager
+    def claim(self, path: Path) -> Iterator[list[dict[str, Any]] | None]:
+        """The entries of a segment nobody else holds, or None. Unlinked on a clean exit."""
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            yield None
+            return
+        with f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield None
+                return
+            if not path.exists():  # replayed and removed by another process meanwhile
+                yield None
+                return
+            entries = list(_parse(f.read(), path))
+            yield entries
+            path.unlink(missing_ok=True)
+
+    def read_all(self) -> list[dict[str, Any]]:
+        """Every entry in the directory (tests and tools; ignores locks)."""
+        self.sync()
+        return [e for p in self.segments() for e in _parse(p.read_bytes(), p)]
+
+    def _active(self) -> IO[bytes]:
+        if self._file is None:
+            self._seq += 1
+            name = f"predictions-{time.time_ns():020d}-{os.getpid()}-{self._seq}.jsonl"
+            f = (self.directory / name).open("ab")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._file = f
         return self._file
 
-    def _write(self, lines: list[bytes]) -> None:
-        if not lines:
-            return
-        f = self._open()
-        f.write(b"".join(lines))
-        f.flush()
-        if self._fsync:
-            os.fsync(f.fileno())
-        self._metrics.predlog_entries.labels(sink="spool").inc(len(lines))
+
+def _parse(data: bytes, path: Path) -> Iterator[dict[str, Any]]:
+    """Entries of one segment; a torn last line (a crash mid-write) is skipped and logged."""
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            log.warning("spool_line_unreadable", segment=str(path), line=n)
+            continue
+        if isinstance(entry, dict):
+            yield entry

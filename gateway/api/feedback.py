@@ -1,0 +1,42 @@
+"""`POST /v1/feedback {"request_id", "label"}`: ground truth for later accuracy joins."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.api.keys import REQUEST_ID, SETTINGS
+from gateway.api.middleware import json_response
+from gateway.api.schemas import read_json
+from gateway.errors import ClientError, FeedbackUnavailable
+from gateway.predlog.feedback import LabelStore
+
+#: Set by the composition root when Redis is configured.
+LABELS = web.AppKey("labels", LabelStore)
+
+routes = web.RouteTableDef()
+
+_MAX_LABEL = 256
+
+
+@routes.post("/v1/feedback")
+async def feedback(request: web.Request) -> web.Response:
+    body = await read_json(request, request.app[SETTINGS].server.max_body_bytes)
+    if not isinstance(body, dict) or set(body) - {"request_id", "label"}:
+        raise ClientError("feedback is {request_id, label}", code="invalid_request")
+    rid, label = body.get("request_id"), body.get("label")
+    if not isinstance(rid, str) or not rid or len(rid) > 128:
+        raise ClientError("request_id must be a non-empty string", code="invalid_field",
+                          details={"field": "request_id"})  # fmt: skip
+    if (
+        not isinstance(label, str | int | float)
+        or (isinstance(label, str) and not label)
+        or (isinstance(label, str) and len(label) > _MAX_LABEL)
+    ):
+        raise ClientError("label must be a non-empty string, a number or a boolean",
+                          code="invalid_field", details={"field": "label"})  # fmt: skip
+    request[REQUEST_ID] = rid
+    store = request.app.get(LABELS)
+    if store is None:
+        raise FeedbackUnavailable("feedback needs Redis (redis.url), which is not configured")
+    await store.put(rid, label)
+    return json_response({"request_id": rid, "label": label, "status": "stored"}, status=202)

@@ -1,0 +1,57 @@
+"""The bounded in-process buffer between the request path and the log writer.
+
+`offer` never waits: it says whether the entry fit, and the caller spools what did not. The
+writer takes batches when one is full or the oldest entry has waited `flush_interval_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from typing import Any
+
+Entry = dict[str, Any]
+
+
+class EntryBuffer:
+    def __init__(self, capacity: int, batch_size: int) -> None:
+        if capacity < 1 or batch_size < 1:
+            raise ValueError("capacity and batch_size must be at least 1")
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self._items: deque[Entry] = deque()
+        self._nonempty = asyncio.Event()
+        self._full_batch = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def offer(self, entry: Entry) -> bool:
+        if len(self._items) >= self.capacity:
+            return False
+        self._items.append(entry)
+        self._nonempty.set()
+        if len(self._items) >= self.batch_size:
+            self._full_batch.set()
+        return True
+
+    def take_nowait(self, limit: int | None = None) -> list[Entry]:
+        n = min(len(self._items), limit or len(self._items))
+        batch = [self._items.popleft() for _ in range(n)]
+        if not self._items:
+            self._nonempty.clear()
+        if len(self._items) < self.batch_size:
+            self._full_batch.clear()
+        return batch
+
+    async def take(self, idle_s: float, flush_interval_s: float) -> list[Entry]:
+        """Up to one batch: waits at most `idle_s` for a first entry, then at most
+        `flush_interval_s` for the batch to fill. Empty when nothing came."""
+        if not self._items:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._nonempty.wait(), idle_s)
+        if self._items and len(self._items) < self.batch_size and flush_interval_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full_batch.wait(), flush_interval_s)
+        return self.take_nowait(self.batch_size)

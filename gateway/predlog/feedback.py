@@ -1,0 +1,149 @@
+"""Label feedback: store labels by request_id, join them with the prediction log.
+
+`POST /v1/feedback` puts `label:<request_id>` (with a TTL). The join reads each model's stream
+over a window, looks the labels up, and counts, per (model, version, arm), how many answers
+were right: a string label is compared with the answer's `decision`, a numeric or boolean one
+with `score >= 0.5`. The accuracy delta of every challenger arm against the champion is the
+input of the rollout controller (`canary_accuracy_delta`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.errors import FeedbackUnavailable
+from gateway.predlog.redis_stream import decode_fields
+
+Label = str | int | float | bool
+
+
+class LabelStore:
+    def __init__(self, client: aioredis.Redis, prefix: str = "label", ttl_s: int = 30 * 86_400):
+        self.client = client
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+
+    def key(self, request_id: str) -> str:
+        return f"{self.prefix}:{request_id}"
+
+    async def put(self, request_id: str, label: Label) -> None:
+        try:
+            await self.client.set(self.key(request_id), orjson.dumps(label), ex=self.ttl_s)
+        except (RedisError, OSError) as exc:
+            raise FeedbackUnavailable(f"label store unreachable: {exc}") from exc
+
+    async def get_many(self, request_ids: list[str]) -> list[Label | None]:
+        if not request_ids:
+            return []
+        try:
+            raw = await self.client.mget([self.key(r) for r in request_ids])
+        except (RedisError, OSError) as exc:
+            raise FeedbackUnavailable(f"label store unreachable: {exc}") from exc
+        return [None if v is None else orjson.loads(v) for v in raw]
+
+
+def is_correct(output: Mapping[str, Any] | None, label: Label) -> bool:
+    output = output or {}
+    if isinstance(label, str):
+        return str(output.get("decision")) == label
+    score = output.get("score")
+    return score is not None and (float(score) >= 0.5) == bool(label)
+
+
+@dataclass(frozen=True, slots=True)
+class ArmAccuracy:
+    model: str
+    version: str
+    arm: str
+    labelled: int
+    correct: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.labelled if self.labelled else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class JoinReport:
+    arms: tuple[ArmAccuracy, ...]
+    entries: int
+
+    def deltas(self) -> dict[tuple[str, str], float]:
+        """(model, challenger version) -> challenger accuracy - champion accuracy."""
+        out = {}
+        for champ in (a for a in self.arms if a.arm == "champion" and a.labelled):
+            for a in self.arms:
+                if a.model == champ.model and a.arm != "champion" and a.labelled:
+                    out[(a.model, a.version)] = a.accuracy - champ.accuracy
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "entries": self.entries,
+            "arms": [
+                {"model": a.model, "version": a.version, "arm": a.arm, "labelled": a.labelled,
+                 "correct": a.correct, "accuracy": round(a.accuracy, 6)}
+                for a in self.arms
+            ],
+            "canary_accuracy_delta": [
+                {"model": m, "version": v, "delta": round(d, 6)}
+                for (m, v), d in sorted(self.deltas().items())
+            ],
+        }  # fmt: skip
+
+
+async def join_labels(
+    client: aioredis.Redis,
+    labels: LabelStore,
+    streams: Iterable[str],
+    window_s: float | None = None,
+    wall: Callable[[], float] = time.time,
+    chunk: int = 1000,
+) -> JoinReport:
+    """Accuracy per (model, version, arm) over the last `window_s` of each stream (all if None)."""
+    counts: dict[tuple[str, str, str], list[int]] = {}
+    seen = 0
+    start = "-" if window_s is None else str(int((wall() - window_s) * 1000))
+    try:
+        for stream in streams:
+            cursor = start
+            while True:
+                rows = await client.xrange(stream, min=cursor, max="+", count=chunk)
+                if not rows:
+                    break
+                entries = [decode_fields(fields or {}) for _, fields in rows]
+                seen += len(entries)
+                found = await labels.get_many([str(e.get("request_id")) for e in entries])
+                for e, label in zip(entries, found, strict=True):
+                    if label is None:
+                        continue
+                    key = (str(e.get("model")), str(e.get("version")), str(e.get("arm")))
+                    c = counts.setdefault(key, [0, 0])
+                    c[0] += 1
+                    c[1] += is_correct(e.get("output"), label)
+                last = rows[-1][0]
+                cursor = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+                if len(rows) < chunk:
+                    break
+    except (RedisError, OSError) as exc:
+        raise FeedbackUnavailable(f"label join failed: {exc}") from exc
+    arms = tuple(ArmAccuracy(m, v, a, n, ok) for (m, v, a), (n, ok) in sorted(counts.items()))
+    return JoinReport(arms, seen)
+
+
+async def model_streams(client: aioredis.Redis, prefix: str) -> list[str]:
+    """The prediction streams present (one per model), excluding dedupe keys."""
+    out = []
+    try:
+        async for key in client.scan_iter(match=f"{prefix}:*", _type="stream"):
+            out.append(key.decode() if isinstance(key, bytes) else key)
+    except (RedisError, OSError) as exc:
+        raise FeedbackUnavailable(f"cannot list streams: {exc}") from exc
+    return sorted(out)

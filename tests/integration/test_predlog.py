@@ -1,0 +1,294 @@
+"""The prediction log against real Redis: the shared one (db 15) and a redis-server each test
+starts on a free port and kills, with a real gateway process in front of the session Triton."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from gateway.metrics import Metrics
+from gateway.predlog.redis_stream import StreamWriter, decode_fields
+from gateway.predlog.spool import Spool
+from gateway.predlog.writer import PredictionLog
+from gateway.tritonserver import TritonServer, free_port
+from tests.conftest import unavailable
+from tests.integration.conftest import GatewayProcess, start_gateway, stop_gateway
+
+RISK_FEATURES = 30
+
+
+class RedisServer:
+    """A redis-server of the test's own, with an fsync'd AOF so a kill loses nothing acked."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        poll(lambda: _pings(client), 10, "redis-server did not start")
+        client.close()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def poll(cond, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    if server.proc is not None:
+        server.kill()
+
+
+def predict(gw: GatewayProcess, rid: str, entity: str = "e-1", **extra) -> dict:
+    body = {"request_id": rid, "entity_id": entity, "model_name": "risk",
+            "features": [0.1 * (i % 7) for i in range(RISK_FEATURES)], **extra}  # fmt: skip
+    req = urllib.request.Request(
+        f"{gw.url}/v1/predict",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200
+        return json.loads(r.read())
+
+
+def stream_entries(url: str, model: str = "risk") -> list[dict]:
+    client = redis.Redis.from_url(url)
+    try:
+        return [decode_fields(f) for _, f in client.xrange(f"predictions:{model}")]
+    finally:
+        client.close()
+
+
+def spooled(spool_dir: Path) -> list[dict]:
+    return [
+        json.loads(line)
+        for f in sorted(spool_dir.glob("*.jsonl"))
+        for line in f.read_text().splitlines()
+        if line.strip()
+    ]
+
+
+def gateway_env(redis_url: str, **extra: str) -> dict[str, str]:
+    return {"SWITCHYARD__REDIS__URL": redis_url, "SWITCHYARD__PREDLOG__RETRY_INTERVAL_S": "0.1",
+            "SWITCHYARD__TELEMETRY__TRITON_SCRAPE_INTERVAL_S": "0", **extra}  # fmt: skip
+
+
+# -- the writer and replayer against the shared Redis ---------------------------------------
+
+
+def entry(i: int) -> dict:
+    return {
+        "request_id": f"r{i}", "entity_id": f"e{i}", "model": "risk", "target": "risk",
+        "version": "2", "policy_version": "routes@abc", "arm": "champion",
+        "input_hash": f"{i:032x}", "fallback_used": None, "latency_ms": 1.5, "ts": 1.0 + i,
+        "output": {"score": 0.5, "decision": "review", "confidence": 0.5},
+    }  # fmt: skip
+
+
+async def test_writes_are_idempotent_per_request_id(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    writer = StreamWriter(client, maxlen=0)
+    try:
+        assert await writer.write([entry(i) for i in range(10)]) == 10
+        assert await writer.write([entry(i) for i in range(5, 15)]) == 5  # 5..9 are known
+    finally:
+        await client.aclose()
+    got = stream_entries(redis_url)
+    assert [e["request_id"] for e in got] == [f"r{i}" for i in range(15)]
+    assert got[3] == entry(3)  # every field round-trips, types included
+
+
+async def test_replay_cut_short_by_a_crash_is_still_exactly_once(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A segment whose first half reached Redis before the process died is replayed whole."""
+    spool = Spool(tmp_path)
+    spool.open()
+    spool.append([entry(i) for i in range(40)])
+    spool.seal()
+    client = aioredis.Redis.from_url(redis_url)
+    writer = StreamWriter(client, maxlen=0)
+    try:
+        await writer.write([entry(i) for i in range(20)])  # the part sent before the "crash"
+        metrics = Metrics()
+        plog = PredictionLog(spool=Spool(tmp_path), metrics=metrics, writer=writer)
+        assert await plog.replay() == 20
+    finally:
+        await client.aclose()
+    ids = [e["request_id"] for e in stream_entries(redis_url)]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(40)) and len(ids) == len(set(ids))
+    assert spooled(tmp_path) == []  # replayed segments are removed
+
+
+async def test_maxlen_trims_approximately(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        writer = StreamWriter(client, maxlen=100)
+        for k in range(10):
+            await writer.write([entry(k * 100 + i) for i in range(100)])
+        length = await client.xlen("predictions:risk")
+    finally:
+        await client.aclose()
+    assert 100 <= length < 1000
+
+
+# -- a real gateway ---------------------------------------------------------------------------
+
+
+def test_entries_land_in_the_stream_with_all_fields(
+    triton: TritonServer, repo_root: Path, tmp_path: Path, redis_url: str
+) -> None:
+    gw = start_gateway(repo_root, tmp_path, triton.grpc_url, gateway_env(redis_url))
+    try:
+        answers = {f"land-{i}": predict(gw, f"land-{i}") for i in range(20)}
+        poll(lambda: len(stream_entries(redis_url)) >= 20, 10, "entries did not land")
+    finally:
+        stop_gateway(gw)
+    got = {e["request_id"]: e for e in stream_entries(redis_url)}
+    assert set(got) == set(answers)
+    e, a = got["land-3"], answers["land-3"]
+    assert set(e) >= {"request_id", "entity_id", "model", "version", "policy_version", "arm",
+                      "input_hash", "output", "fallback_used", "latency_ms", "ts"}  # fmt: skip
+    assert (e["model"], e["version"], e["policy_version"]) == ("risk", a["model_version"],
+                                                               a["policy_version"])  # fmt: skip
+    assert (
+        e["output"]["score"] == pytest.approx(a["score"])
+        and e["output"]["decision"] == a["decision"]
+    )
+    assert e["arm"] and len(e["input_hash"]) == 32 and e["latency_ms"] > 0
+    assert e["entity_id"] != "e-1" and e["entity_id"].startswith("h:")  # risk policy hashes it
+    assert spooled(gw.spool_dir) == []
+
+
+def test_redis_killed_mid_load_spools_then_drains_exactly_once(
+    triton: TritonServer, repo_root: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    gw = start_gateway(repo_root, tmp_path, triton.grpc_url, gateway_env(redis_server.url))
+    ids = [f"load-{i}" for i in range(600)]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda r: predict(gw, r), ids[:200]))
+            poll(lambda: len(stream_entries(redis_server.url)) >= 200, 10, "first part")
+            redis_server.kill()
+            list(pool.map(lambda r: predict(gw, r), ids[200:400]))  # all answered: 200 OK
+            poll(lambda: len(spooled(gw.spool_dir)) >= 200, 10, "spool did not grow")
+            redis_server.start()  # same port, same AOF: the first 200 are still there
+            list(pool.map(lambda r: predict(gw, r), ids[400:]))
+
+        def drained() -> bool:
+            return len(stream_entries(redis_server.url)) >= len(ids) and not spooled(gw.spool_dir)
+
+        poll(drained, 20, "spool did not drain")
+        metrics = urllib.request.urlopen(f"{gw.url}/metrics", timeout=5).read().decode()
+    finally:
+        stop_gateway(gw)
+    logged = [e["request_id"] for e in stream_entries(redis_server.url)]
+    assert sorted(logged) == sorted(ids)  # every answer once: nothing lost, no duplicate
+    assert 'prediction_log_spooled_total{reason="redis_down"}' in metrics
+    assert "prediction_log_replayed_total" in metrics
+
+
+def test_gateway_crash_between_spool_and_replay_is_exactly_once(
+    triton: TritonServer, repo_root: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    redis_server.kill()  # Redis is down from the start: everything goes to the spool
+    env = gateway_env(redis_server.url, SWITCHYARD__PREDLOG__FSYNC="true")
+    gw = start_gateway(repo_root, tmp_path, triton.grpc_url, env)
+    ids = [f"crash-{i}" for i in range(100)]
+    try:
+        for rid in ids:
+            predict(gw, rid)
+        poll(lambda: len(spooled(gw.spool_dir)) >= len(ids), 10, "not spooled")
+    finally:
+        gw.process.kill()  # SIGKILL: no graceful flush, the spool is all there is
+        gw.process.wait(10)
+    # A replay cut short by the crash: the first 30 spooled entries already reached Redis.
+    redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    first = spooled(gw.spool_dir)[:30]
+
+    async def send_part() -> None:
+        c = aioredis.Redis.from_url(redis_server.url)
+        await StreamWriter(c, maxlen=0).write(first)
+        await c.aclose()
+
+    asyncio.run(send_part())
+    assert client.xlen("predictions:risk") == 30
+    client.close()
+    gw2 = start_gateway(repo_root, tmp_path, triton.grpc_url, env)
+    try:
+        poll(lambda: len(stream_entries(redis_server.url)) >= len(ids) and not spooled(
+            gw2.spool_dir), 20, "spool not replayed after restart")  # fmt: skip
+    finally:
+        stop_gateway(gw2)
+    logged = [e["request_id"] for e in stream_entries(redis_server.url)]
+    assert sorted(logged) == sorted(ids)
+
+
+def test_redaction_and_sampling_on_stream_content(
+    triton: TritonServer, repo_root: Path, tmp_path: Path, redis_url: str
+) -> None:
+    policies = "{risk: {hash: [entity_id, segment], drop: [mean_radius], sample_rate: 1.0}}"
+    env = gateway_env(redis_url, SWITCHYARD__PREDLOG__POLICIES=policies,
+                      SWITCHYARD__PREDLOG__REDACT_SALT="s3cret")  # fmt: skip
+    gw = start_gateway(repo_root, tmp_path, triton.grpc_url, env)
+    try:
+        predict(gw, "pii-1", entity="alice@example.com", context={"segment": "eu-secret"})
+        poll(lambda: len(stream_entries(redis_url)) >= 1, 10, "entry did not land")
+    finally:
+        stop_gateway(gw)
+    client = redis.Redis.from_url(redis_url)
+    ((_, raw),) = client.xrange("predictions:risk")
+    client.close()
+    text = b" ".join(k + b"=" + v for k, v in raw.items())
+    assert b"alice@example.com" not in text and b"eu-secret" not in text
+    e = decode_fields(raw)
+    assert e["entity_id"].startswith("h:")
+    assert "mean_radius" not in e["payload"]["features"]
+    assert len(e["payload"]["features"]) == RISK_FEATURES - 1
+    assert e["payload"]["context"]["segment"].startswith("h:")

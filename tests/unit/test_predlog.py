@@ -1,0 +1,180 @@
+"""The prediction log's parts without Redis: buffer, spool, redaction, field encoding, and the
+writer's spool-then-replay path against an in-memory StreamWriter double."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.errors import StreamUnavailable
+from gateway.metrics import Metrics
+from gateway.predlog.buffer import EntryBuffer
+from gateway.predlog.redaction import LogPolicies, PolicyError
+from gateway.predlog.redis_stream import decode_fields, encode_fields
+from gateway.predlog.spool import Spool
+from gateway.predlog.writer import PredictionLog
+
+
+def entry(i: int, model: str = "toy") -> dict[str, Any]:
+    return {"request_id": f"r{i}", "entity_id": f"user-{i}", "model": model, "version": "2",
+            "policy_version": "routes@x", "arm": "champion", "input_hash": "ab" * 16,
+            "output": {"score": 0.25, "decision": "approve", "confidence": 0.75},
+            "fallback_used": None, "latency_ms": 1.25, "ts": 1700000000.5}  # fmt: skip
+
+
+class MemoryStream:
+    """A StreamWriter double with the same contract: one entry per request_id, or down."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.entries: list[Mapping[str, Any]] = []
+        self._seen: set[tuple[str, str]] = set()
+
+    async def ping(self) -> None:
+        if self.down:
+            raise StreamUnavailable("down")
+
+    async def write(self, entries: Sequence[Mapping[str, Any]]) -> int:
+        await self.ping()
+        added = 0
+        for e in entries:
+            key = (str(e["model"]), str(e["request_id"]))
+            if key not in self._seen:
+                self._seen.add(key)
+                self.entries.append(e)
+                added += 1
+        return added
+
+
+def test_buffer_is_bounded_and_batches() -> None:
+    buf = EntryBuffer(capacity=3, batch_size=2)
+    assert [buf.offer(entry(i)) for i in range(4)] == [True, True, True, False]
+    assert [e["request_id"] for e in buf.take_nowait(2)] == ["r0", "r1"]
+    assert len(buf) == 1 and buf.offer(entry(9))
+
+
+def test_fields_round_trip_through_stream_encoding() -> None:
+    e = entry(1)
+    flat = encode_fields(e)
+    assert all(isinstance(v, str) for v in flat)
+    assert flat[flat.index("fallback_used") + 1] == ""
+    raw = {k.encode(): v.encode() for k, v in zip(flat[::2], flat[1::2], strict=True)}
+    assert decode_fields(raw) == e
+
+
+def test_spool_appends_segments_and_skips_a_torn_line(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=True, segment_bytes=200)
+    spool.open()
+    spool.append([entry(0), entry(1)])
+    spool.sync()  # over 200 bytes: rotates
+    spool.append([entry(2)])
+    spool.seal()
+    segments = spool.segments()
+    assert len(segments) == 2
+    with segments[-1].open("ab") as f:
+        f.write(b'{"request_id": "torn')  # a crash mid-write
+    assert [e["request_id"] for e in spool.read_all()] == ["r0", "r1", "r2"]
+
+
+def test_a_segment_being_written_cannot_be_claimed(tmp_path: Path) -> None:
+    writer = Spool(tmp_path)
+    writer.open()
+    writer.append([entry(0)])
+    writer.sync()
+    (active,) = writer.segments()
+    with Spool(tmp_path).claim(active) as entries:
+        assert entries is None  # locked by its writer (another worker, say)
+    writer.seal()
+    with Spool(tmp_path).claim(active) as entries:
+        assert entries is not None and entries[0]["request_id"] == "r0"
+    assert not active.exists()
+
+
+async def test_without_redis_the_spool_is_the_log(tmp_path: Path) -> None:
+    metrics = Metrics()
+    plog = PredictionLog(spool=Spool(tmp_path), metrics=metrics, flush_interval_s=0)
+    await plog.start()
+    for i in range(5):
+        plog.record(entry(i))
+    await plog.close()
+    assert [e["request_id"] for e in Spool(tmp_path).read_all()] == [f"r{i}" for i in range(5)]
+    assert metrics.registry.get_sample_value("prediction_log_entries_total", {"sink": "spool"}) == 5
+
+
+async def test_full_buffer_spills_to_the_spool_without_waiting(tmp_path: Path) -> None:
+    metrics = Metrics()
+    plog = PredictionLog(spool=Spool(tmp_path), metrics=metrics, buffer_size=2, batch_size=2)
+    plog.spool.open()  # not started: nothing drains the buffer
+    for i in range(5):
+        plog.record(entry(i))
+    plog.spool.sync()
+    assert len(plog.buffer) == 2
+    assert [e["request_id"] for e in plog.spool.read_all()] == ["r2", "r3", "r4"]
+    plog.spool.close()
+    assert (
+        metrics.registry.get_sample_value("prediction_log_spooled_total", {"reason": "buffer_full"})
+        == 3
+    )
+
+
+async def test_redis_down_spools_and_replay_is_exactly_once(tmp_path: Path) -> None:
+    stream = MemoryStream()
+    stream.down = True
+    metrics = Metrics()
+    plog = PredictionLog(spool=Spool(tmp_path), metrics=metrics, writer=stream)  # type: ignore[arg-type]
+    await plog.start()
+    for i in range(10):
+        plog.record(entry(i))
+    await plog.close()  # drains into the spool: Redis is down
+    assert len(Spool(tmp_path).read_all()) == 10 and stream.entries == []
+    assert (
+        metrics.registry.get_sample_value("prediction_log_spooled_total", {"reason": "redis_down"})
+        == 10
+    )
+
+    stream.down = False
+    await stream.write([entry(i) for i in range(4)])  # a replay cut short by a crash
+    again = PredictionLog(spool=Spool(tmp_path), metrics=Metrics(), writer=stream)  # type: ignore[arg-type]
+    again.spool.open()
+    assert await again.replay() == 6
+    assert sorted(e["request_id"] for e in stream.entries) == sorted(f"r{i}" for i in range(10))
+    assert Spool(tmp_path).segments() == []
+
+
+def test_redaction_hashes_and_drops_everywhere() -> None:
+    policies = LogPolicies.from_settings(
+        {"toy": {"hash": ["entity_id", "segment"], "drop": ["b"], "sample_rate": 1.0}},
+        salt="k",
+    )
+    policy = policies.for_model("toy")
+    e = entry(1) | {"payload": {"features": {"a": 1.0, "b": 2.0}, "context": {"segment": "eu"}}}
+    out = policy.apply(e)
+    assert out["entity_id"] == policy.hash_value("user-1") != "user-1"
+    assert out["payload"] == {
+        "features": {"a": 1.0},
+        "context": {"segment": policy.hash_value("eu")},
+    }
+    assert e["entity_id"] == "user-1"  # the original is untouched
+    assert policies.for_model("other").apply(e) == e
+    unsalted = LogPolicies.from_settings({"toy": {"hash": ["entity_id"]}}).for_model("toy")
+    assert unsalted.hash_value("user-1") != policy.hash_value("user-1")
+
+
+def test_sampling_follows_the_rate() -> None:
+    draws = iter([0.05, 0.5, 0.09])
+    policies = LogPolicies.from_settings({}, sample_rate=0.1, rand=lambda: next(draws))
+    p = policies.for_model("toy")
+    assert [p.sampled(policies.rand) for _ in range(3)] == [True, False, True]
+    assert not LogPolicies.from_settings({}).for_model("toy").sampled(lambda: 0.0)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{"hash": ["request_id"]}, {"drop": "entity_id"}, {"sample_rate": 2}, {"mask": ["x"]}, []],
+)
+def test_bad_policies_are_refused(spec: Any) -> None:
+    with pytest.raises(PolicyError):
+        LogPolicies.from_settings({"toy": spec})
