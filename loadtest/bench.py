@@ -1,0 +1,523 @@
+"""Side-by-side benchmark: the same workload against Triton directly (gRPC and HTTP) and through
+the gateway (/v2 OIP and /v1/predict), in one run, with the same client.
+
+    python -m loadtest.bench --start                       # starts Triton + a gateway itself
+    python -m loadtest.bench --start --workers 2 --duration 20
+    python -m loadtest.bench --gateway http://127.0.0.1:8080 \\
+        --triton-http http://127.0.0.1:8000 --triton-grpc 127.0.0.1:8001 [--gateway-pid P ...]
+
+Phases, for every target in turn: a closed-loop saturation run (``--concurrency`` clients
+back to back) and open-loop runs at a fixed arrival rate -- half the reference target's
+saturation (the overhead target is stated there) and half the gateway's own. Load comes from
+``--procs`` generator processes (asyncio on uvloop), never from the measured processes.
+CPU per request is read from /proc (psutil) for the gateway (all workers) and Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from loadtest.stats import Summary, open_loop_schedule, split_schedule, summarize
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL, VERSION, FEATURES = "risk", "2", 30
+TARGETS = ("triton-grpc", "triton-http", "gateway-v2", "gateway-v1")
+
+
+# -- the workload --------------------------------------------------------------------------
+def _rows(n: int = 64) -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(n, FEATURES)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One target: where to send, and the pre-built request bodies to cycle through."""
+
+    name: str
+    kind: str  # "http" or "grpc"
+    url: str  # full URL for http, host:port for grpc
+    side: str  # "triton" or "gateway": whose CPU the request costs
+
+
+def http_bodies(target: str, rows: np.ndarray) -> list[bytes]:
+    out = []
+    for i, row in enumerate(rows):
+        if target == "gateway-v1":
+            body: dict[str, Any] = {
+                "model_name": MODEL,
+                "entity_id": f"bench-{i}",
+                "features": row.tolist(),
+            }
+        else:
+            body = {
+                "inputs": [
+                    {"name": "features", "shape": [1, FEATURES], "datatype": "FP32",
+                     "data": row.tolist()}
+                ]
+            }  # fmt: skip
+        out.append(json.dumps(body).encode())
+    return out
+
+
+def endpoints(gateway: str | None, triton_http: str | None, triton_grpc: str | None) -> dict:
+    infer = f"/v2/models/{MODEL}/versions/{VERSION}/infer"
+    eps = {}
+    if triton_grpc:
+        eps["triton-grpc"] = Endpoint("triton-grpc", "grpc", triton_grpc, "triton")
+    if triton_http:
+        eps["triton-http"] = Endpoint("triton-http", "http", triton_http + infer, "triton")
+    if gateway:
+        eps["gateway-v2"] = Endpoint("gateway-v2", "http", gateway + infer, "gateway")
+        eps["gateway-v1"] = Endpoint("gateway-v1", "http", gateway + "/v1/predict", "gateway")
+    return eps
+
+
+# -- one generator process -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    endpoint: Endpoint
+    duration_s: float
+    concurrency: int = 0  # closed loop: this many clients back to back
+    schedule: tuple[float, ...] = ()  # open loop: send times from the start
+    max_in_flight: int = 1024
+
+
+@dataclass
+class JobResult:
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    elapsed_s: float = 0.0
+    cpu_s: float = 0.0
+    first_error: str = ""
+
+
+def run_job(job: Job) -> JobResult:
+    """Entry point of a generator process: one event loop, one client, one job."""
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover
+        loop = asyncio.new_event_loop()
+    cpu0 = time.process_time()
+    try:
+        result = loop.run_until_complete(_run(job))
+    finally:
+        loop.close()
+    result.cpu_s = time.process_time() - cpu0
+    return result
+
+
+async def _run(job: Job) -> JobResult:
+    async with Client(job.endpoint, max(job.concurrency, min(job.max_in_flight, 256))) as send:
+        if job.concurrency:
+            return await _closed_loop(send, job.concurrency, job.duration_s)
+        return await _open_loop(send, job.schedule, job.max_in_flight)
+
+
+class Client:
+    """An async context manager yielding `await send(i)`: request i, bodies cycling."""
+
+    def __init__(self, ep: Endpoint, connections: int) -> None:
+        self.ep, self.connections = ep, connections
+        self._close: Any = None
+
+    async def __aenter__(self) -> Any:
+        rows = _rows()
+        if self.ep.kind == "grpc":
+            import grpc
+            from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+            channel = grpc.aio.insecure_channel(self.ep.url)
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            msgs = []
+            for row in rows:
+                m = service_pb2.ModelInferRequest(model_name=MODEL, model_version=VERSION)
+                spec = m.inputs.add()
+                spec.name, spec.datatype = "features", "FP32"
+                spec.shape.extend([1, FEATURES])
+                m.raw_input_contents.append(row.tobytes())
+                msgs.append(m)
+
+            async def send_grpc(i: int) -> None:
+                await stub.ModelInfer(msgs[i % len(msgs)], timeout=30)
+
+            self._close = channel.close
+            return send_grpc
+        import aiohttp
+
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.connections, force_close=False),
+            timeout=aiohttp.ClientTimeout(total=30),
+        )
+        bodies = http_bodies(self.ep.name, rows)
+        headers = {"Content-Type": "application/json"}
+        url = self.ep.url
+
+        async def send_http(i: int) -> None:
+            async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}")
+
+        self._close = session.close
+        return send_http
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._close()
+
+
+async def _closed_loop(send: Any, concurrency: int, duration_s: float) -> JobResult:
+    result = JobResult()
+    clock = time.perf_counter
+    end = clock() + duration_s
+    counter = iter(range(sys.maxsize))
+
+    async def client() -> None:
+        while (t0 := clock()) < end:
+            try:
+                await send(next(counter))
+            except Exception as exc:
+                result.errors += 1
+                result.first_error = result.first_error or repr(exc)
+            else:
+                result.latencies_ms.append((clock() - t0) * 1000.0)
+
+    start = clock()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    result.elapsed_s = clock() - start
+    return result
+
+
+async def _open_loop(send: Any, schedule: Sequence[float], max_in_flight: int) -> JobResult:
+    """Send request i at start + schedule[i], whatever happened to earlier ones; latency runs
+    from the scheduled time. Beyond ``max_in_flight`` outstanding requests, count errors."""
+    result = JobResult()
+    clock = time.perf_counter
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def one(i: int, due: float) -> None:
+        try:
+            await send(i)
+        except Exception as exc:
+            result.errors += 1
+            result.first_error = result.first_error or repr(exc)
+        else:
+            result.latencies_ms.append((clock() - due) * 1000.0)
+
+    start = clock()
+    for i, offset in enumerate(schedule):
+        due = start + offset
+        delay = due - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(in_flight) >= max_in_flight:
+            result.errors += 1
+            result.first_error = result.first_error or "client: too many requests in flight"
+            continue
+        task = asyncio.create_task(one(i, due))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    if in_flight:
+        await asyncio.gather(*in_flight)
+    result.elapsed_s = max(clock() - start, schedule[-1] if schedule else 0.0)
+    return result
+
+
+# -- phases across processes ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    target: str
+    mode: str
+    offered: float | None
+    summary: Summary
+    cpu_ms: dict[str, float]  # side -> CPU milliseconds per successful request
+
+
+class CpuMeter:
+    """CPU seconds used so far by a process and its children (gateway workers), from /proc."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.proc = psutil.Process(pid) if pid else None
+
+    def seconds(self) -> float:
+        if self.proc is None:
+            return float("nan")
+        total = 0.0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system
+        return total
+
+
+def run_phase(
+    pool: Any, procs: int, job: Job, meters: dict[str, CpuMeter], mode: str
+) -> tuple[Summary, dict[str, float]]:
+    if job.concurrency:
+        per = max(1, job.concurrency // procs)
+        jobs = [Job(job.endpoint, job.duration_s, concurrency=per) for _ in range(procs)]
+    else:
+        jobs = [
+            Job(job.endpoint, job.duration_s, schedule=tuple(part), max_in_flight=job.max_in_flight)
+            for part in split_schedule(job.schedule, procs)
+        ]
+    before = {side: m.seconds() for side, m in meters.items()}
+    results: list[JobResult] = pool.map(run_job, jobs)
+    after = {side: m.seconds() for side, m in meters.items()}
+    lat = [x for r in results for x in r.latencies_ms]
+    errors = sum(r.errors for r in results)
+    elapsed = max(r.elapsed_s for r in results)
+    summary = summarize(lat, errors, elapsed)
+    ok = max(1, len(lat))
+    cpu = {side: (after[side] - before[side]) * 1000.0 / ok for side in meters}
+    cpu["client"] = sum(r.cpu_s for r in results) * 1000.0 / ok
+    first = next((r.first_error for r in results if r.first_error), "")
+    if first:
+        print(f"  {job.endpoint.name} {mode}: {errors} errors, first: {first}", file=sys.stderr)
+    return summary, cpu
+
+
+def benchmark(args: argparse.Namespace, eps: dict[str, Endpoint], pids: dict[str, int | None]):
+    meters = {side: CpuMeter(pid) for side, pid in pids.items()}
+    ctx = multiprocessing.get_context("spawn")
+    rows: list[Row] = []
+    names = [t for t in args.targets if t in eps]
+    with ctx.Pool(args.procs) as pool:
+        for name in names:  # warm up every path (connections, Triton, caches)
+            run_phase(pool, args.procs, Job(eps[name], args.warmup, concurrency=8), meters, "warm")
+        sat: dict[str, float] = {}
+        for name in names:
+            job = Job(eps[name], args.duration, concurrency=args.concurrency)
+            s, cpu = run_phase(pool, args.procs, job, meters, "closed")
+            sat[name] = s.throughput
+            rows.append(Row(name, f"closed c={args.concurrency}", None, s, cpu))
+            _progress(rows[-1])
+        rates = []
+        if args.rate:
+            rates.append(("given", args.rate))
+        else:
+            if args.reference in sat:
+                rates.append(
+                    (f"1/2 {args.reference} sat", args.rate_fraction * sat[args.reference])
+                )
+            gw = [sat[n] for n in ("gateway-v2", "gateway-v1") if n in sat]
+            if gw:
+                rates.append(("1/2 gateway sat", args.rate_fraction * min(gw)))
+        rng = random.Random(args.seed)
+        for label, rate in rates:
+            schedule = tuple(open_loop_schedule(rate, args.duration, rng))
+            for name in names:
+                job = Job(eps[name], args.duration, schedule=schedule)
+                s, cpu = run_phase(pool, args.procs, job, meters, "open")
+                rows.append(Row(name, f"open {label}", rate, s, cpu))
+                _progress(rows[-1])
+    return rows
+
+
+def _progress(row: Row) -> None:
+    s = row.summary
+    print(
+        f"  {row.target:12} {row.mode:24} {s.throughput:9.0f}/s p50 {s.p50:7.2f} ms "
+        f"p99 {s.p99:7.2f} ms err {s.errors}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+# -- report --------------------------------------------------------------------------------
+def table(rows: Sequence[Row]) -> str:
+    head = (
+        "| target | mode | offered/s | achieved/s | errors | p50 ms | p90 ms | p99 ms | p99.9 ms "
+        "| gateway CPU ms/req | Triton CPU ms/req | client CPU ms/req |"
+    )
+    lines = [head, "|" + " --- |" * 12]
+    for r in rows:
+        s = r.summary
+        offered = f"{r.offered:.0f}" if r.offered else "-"
+        gw = r.cpu_ms.get("gateway", float("nan")) if r.target.startswith("gateway") else 0.0
+        lines.append(
+            f"| {r.target} | {r.mode} | {offered} | {s.throughput:.0f} | {s.errors} "
+            f"| {s.p50:.2f} | {s.p90:.2f} | {s.p99:.2f} | {s.p999:.2f} "
+            f"| {_num(gw)} | {_num(r.cpu_ms.get('triton'))} | {_num(r.cpu_ms.get('client'))} |"
+        )
+    return "\n".join(lines)
+
+
+def overhead(rows: Sequence[Row]) -> str:
+    """Added latency and throughput ratio of each gateway path over each direct path."""
+    pairs = [("gateway-v2", "triton-http"), ("gateway-v1", "triton-http"),
+             ("gateway-v1", "triton-grpc"), ("gateway-v2", "triton-grpc")]  # fmt: skip
+    by = {(r.target, r.mode): r for r in rows}
+    lines = [
+        "| mode | gateway path | vs direct | added p50 ms | added p99 ms | throughput ratio |",
+        "|" + " --- |" * 6,
+    ]
+    for mode in dict.fromkeys(r.mode for r in rows):
+        for gw, direct in pairs:
+            a, b = by.get((gw, mode)), by.get((direct, mode))
+            if a is None or b is None:
+                continue
+            ratio = a.summary.throughput / b.summary.throughput if b.summary.throughput else 0
+            lines.append(
+                f"| {mode} | {gw} | {direct} | {a.summary.p50 - b.summary.p50:+.2f} "
+                f"| {a.summary.p99 - b.summary.p99:+.2f} | {ratio:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None or v != v else f"{v:.3f}"
+
+
+# -- the stack -----------------------------------------------------------------------------
+@contextmanager
+def started_stack(workers: int, log_level: str, workdir: Path) -> Iterator[dict[str, Any]]:
+    """Triton (explicit mode, every model loaded) and a gateway process in front of it."""
+    import subprocess
+    import urllib.request
+
+    from gateway.tritonserver import TritonOptions, TritonPorts, TritonServer, free_port
+
+    triton = TritonServer(
+        TritonOptions(
+            model_repository=REPO_ROOT / "model_repository",
+            ports=TritonPorts.free(),
+            model_control_mode="explicit",
+            load_models=("*",),
+        ),
+        log_file=workdir / "tritonserver.log",
+        ready_timeout_s=120,
+    )
+    with ExitStack() as stack:
+        stack.enter_context(triton)
+        port = free_port()
+        env = {
+            **os.environ,
+            "SWITCHYARD__TRITON__GRPC_URL": triton.grpc_url,
+            "SWITCHYARD__PREDLOG__SPOOL_DIR": str(workdir / "spool"),
+            "SWITCHYARD__SERVER__HOST": "127.0.0.1",
+            "SWITCHYARD__SERVER__PORT": str(port),
+            "SWITCHYARD__LOG__LEVEL": log_level,
+        }
+        log = (workdir / "gateway.log").open("wb")
+        stack.callback(log.close)
+        gw = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--workers", str(workers)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def stop() -> None:
+            gw.terminate()
+            try:
+                gw.wait(30)
+            except subprocess.TimeoutExpired:
+                gw.kill()
+
+        stack.callback(stop)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if gw.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway did not become ready; see {workdir}/gateway.log")
+            time.sleep(0.1)
+        yield {
+            "gateway": url,
+            "triton_http": triton.http_url,
+            "triton_grpc": triton.grpc_url,
+            "pids": {"gateway": gw.pid, "triton": triton.pid},
+        }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="loadtest.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--start", action="store_true", help="start Triton and a gateway here")
+    p.add_argument("--workers", type=int, default=1, help="gateway workers (with --start)")
+    p.add_argument("--gateway-log-level", default="info", help="gateway log level (--start)")
+    p.add_argument("--gateway", help="gateway base URL")
+    p.add_argument("--triton-http", help="Triton HTTP base URL")
+    p.add_argument("--triton-grpc", help="Triton gRPC host:port")
+    p.add_argument("--gateway-pid", type=int, help="for CPU per request (workers included)")
+    p.add_argument("--triton-pid", type=int)
+    p.add_argument("--targets", default=",".join(TARGETS), type=lambda s: s.split(","))
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds per target, unmeasured")
+    p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients in all")
+    p.add_argument("--procs", type=int, default=1, help="load generator processes")
+    p.add_argument("--rate", type=float, help="open-loop rate; default: fractions of saturation")
+    p.add_argument("--rate-fraction", type=float, default=0.5)
+    p.add_argument("--reference", default="triton-http", help="direct target whose saturation "
+                   "sets the open-loop rate")  # fmt: skip
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", type=Path, help="write the rows here too")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    with ExitStack() as stack:
+        if args.start:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+            where = stack.enter_context(
+                started_stack(args.workers, args.gateway_log_level, workdir)
+            )
+        else:
+            where = {
+                "gateway": args.gateway,
+                "triton_http": args.triton_http,
+                "triton_grpc": args.triton_grpc,
+                "pids": {"gateway": args.gateway_pid, "triton": args.triton_pid},
+            }
+        eps = endpoints(where["gateway"], where["triton_http"], where["triton_grpc"])
+        if not eps:
+            print("error: no targets (use --start or give URLs)", file=sys.stderr)
+            return 2
+        print(
+            f"# {os.cpu_count()} CPUs, gateway workers={args.workers if args.start else '?'}, "
+            f"{args.procs} generator process(es), {args.duration:.0f} s per phase",
+            file=sys.stderr,
+        )
+        rows = benchmark(args, eps, where["pids"])
+    print(table(rows))
+    print()
+    print(overhead(rows))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                [{**asdict(r), "throughput": r.summary.throughput} for r in rows],
+                indent=1,
+            )
+        )
+    failed = sum(r.summary.errors for r in rows)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

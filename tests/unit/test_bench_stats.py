@@ -1,0 +1,82 @@
+"""The benchmark's statistics and open-loop schedules (loadtest/stats.py)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from loadtest.stats import open_loop_schedule, percentile, split_schedule, summarize
+
+
+def test_nearest_rank_percentiles_pick_real_samples() -> None:
+    values = [float(v) for v in range(1, 101)]  # 1..100
+    assert percentile(values, 0.5) == 50
+    assert percentile(values, 0.9) == 90
+    assert percentile(values, 0.99) == 99
+    assert percentile(values, 0.999) == 100  # the largest, not an interpolation past it
+    assert percentile(values, 0.0) == 1
+    assert percentile(values, 1.0) == 100
+    assert percentile([7.0], 0.99) == 7.0
+
+
+def test_percentile_of_nothing_is_nan_and_bad_quantiles_fail() -> None:
+    assert math.isnan(percentile([], 0.5))
+    with pytest.raises(ValueError):
+        percentile([1.0], 1.5)
+
+
+def test_summary_counts_errors_in_requests_but_not_in_latency_or_throughput() -> None:
+    s = summarize([3.0, 1.0, 2.0, 4.0], errors=1, elapsed_s=2.0)
+    assert (s.requests, s.errors) == (5, 1)
+    assert s.p50 == 2.0 and s.p99 == 4.0 and s.mean == 2.5
+    assert s.throughput == 2.0  # 4 successes in 2 s
+    assert s.error_rate == pytest.approx(0.2)
+
+
+def test_constant_schedule_is_evenly_spaced() -> None:
+    times = open_loop_schedule(100.0, 2.0)
+    assert len(times) == 200
+    assert times[0] == 0.0
+    gaps = {round(b - a, 9) for a, b in itertools.pairwise(times)}
+    assert gaps == {0.01}
+
+
+def test_poisson_schedule_has_the_asked_rate_and_is_reproducible() -> None:
+    a = open_loop_schedule(1000.0, 10.0, random.Random(7))
+    b = open_loop_schedule(1000.0, 10.0, random.Random(7))
+    assert a == b
+    assert a == sorted(a) and a[0] > 0 and a[-1] < 10.0
+    assert 9_700 < len(a) < 10_300  # 10,000 expected; sd 100
+    gaps = [y - x for x, y in itertools.pairwise(a)]
+    mean = sum(gaps) / len(gaps)
+    sd = math.sqrt(sum((g - mean) ** 2 for g in gaps) / len(gaps))
+    assert sd == pytest.approx(mean, rel=0.1)  # exponential gaps: sd equals the mean
+
+
+def test_split_schedule_deals_round_robin_over_the_whole_run() -> None:
+    times = [float(i) for i in range(10)]
+    parts = split_schedule(times, 3)
+    assert parts == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert sorted(t for p in parts for t in p) == times
+
+
+def test_schedule_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        open_loop_schedule(0, 1)
+
+
+def test_gpu_bench_builds_valid_kind_gpu_repositories(tmp_path: Path) -> None:
+    """The GPU benchmark cannot run without a GPU; its repositories are checked here."""
+    from loadtest.gpu_bench import CASES, build_repository, validate_repository
+
+    for case in CASES:
+        names = validate_repository(build_repository(case, tmp_path))
+        assert names == sorted(m.name for m in case.models)
+    cfg = (tmp_path / "batching-off" / "mlp" / "config.pbtxt").read_text()
+    assert "dynamic_batching" not in cfg
+    assert "dynamic_batching" in (tmp_path / "batching-on" / "mlp" / "config.pbtxt").read_text()
+    assert "gpus: [ 1 ]" in (tmp_path / "dedicated-gpu" / "mlp_b" / "config.pbtxt").read_text()
