@@ -12,15 +12,19 @@ TRITON_HTTP_PORT ?= 8000
 TRITON_GRPC_PORT ?= 8001
 TRITON_METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+SCENARIO ?= steady
+LOADTEST_HOST ?= http://127.0.0.1:$(GATEWAY_PORT)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv .venv run test lint format train clean
+.PHONY: help venv .venv run test lint format train clean loadtest bench deps
 
 help:
-	@echo "make run    tritonserver + gateway on :$(GATEWAY_PORT) (GATEWAY_PORT, TRITON_*_PORT)"
+	@echo "make run    two tritonservers (primary, fallback) + the gateway on :$(GATEWAY_PORT)"
 	@echo "make test   the whole test suite (unit + integration; needs Redis for some tests)"
 	@echo "make lint   ruff check, ruff format --check, mypy"
 	@echo "make train  retrain the models in model_repository/"
+	@echo "make loadtest SCENARIO=steady|ramp|spike|soak  locust, headless, against LOADTEST_HOST"
+	@echo "make bench  side-by-side benchmark: Triton direct vs through the gateway"
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +41,30 @@ run: $(STAMP)
 		--triton-http-port $(TRITON_HTTP_PORT) --triton-grpc-port $(TRITON_GRPC_PORT) \
 		--triton-metrics-port $(TRITON_METRICS_PORT)
 
-test: $(STAMP)
+# System tools the integration tests use: Prometheus + promtool (Debian's `prometheus`).
+# Installed only when missing and we are root (CI, containers); otherwise a hint is printed and
+# the tests that need them skip locally (and fail under CI).
+deps:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing prometheus (promtool) with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus \
+			>/dev/null; \
+	else echo "note: prometheus/promtool missing; run 'sudo apt-get install prometheus'"; fi
+
+test: $(STAMP) deps
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# Locust scenario against a running gateway (make run); reports in loadtest/reports/, exit 1
+# when the scenario's p99 or error-rate threshold fails.
+loadtest: $(STAMP)
+	@mkdir -p loadtest/reports
+	$(VENV)/bin/locust --config loadtest/scenarios/$(SCENARIO).conf --host $(LOADTEST_HOST)
+
+# Starts its own Triton and gateway on free ports; BENCH_ARGS e.g. "--workers 2 --duration 20".
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(VPY) -m loadtest.bench --start $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -68,9 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="tritonserver + gateway in one process (make run)")
     _add_gateway_args(up)
     _add_triton_args(up, prefix="triton-")
+    # A second tritonserver for the fallback models (triton.fallback_models), so the ladder's
+    # first rung survives the primary's death.
+    up.add_argument("--fallback-http-port", type=int, default=8010)
+    up.add_argument("--fallback-grpc-port", type=int, default=8011)
+    up.add_argument("--fallback-metrics-port", type=int, default=8012)
+    up.add_argument("--no-fallback-triton", action="store_true", help="one Triton only")
     up.set_defaults(handler=cmd_up)
 
+    from gateway.routing.cli import add_routes_parser  # argparse only; routing loads lazily
+
+    add_routes_parser(sub)
     # Other engineers add their subcommands here: routes, labels, features, promote.
+    from gateway.predlog.commands import add_parsers as add_data_parsers
+
+    add_data_parsers(sub)  # labels join, features load
     return parser
 
 
@@ -88,6 +100,12 @@ def _add_gateway_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
     parser.add_argument("--host", default=None, help="override server.host")
     parser.add_argument("--port", type=int, default=None, help="override server.port")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes sharing the port (SO_REUSEPORT); SIGHUP reloads them one by one",
+    )
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
@@ -116,12 +134,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     if settings is None:
         return 2
-    serve(settings)
-    return 0
+    if args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    return serve(settings, workers=args.workers)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     from gateway.app import serve
+    from gateway.config import ServerSpec
 
     settings = _load_settings(args)
     if settings is None:
@@ -140,8 +161,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         ),
         log_file=args.triton_log_file,
     )
-    with _running(server):
+    fallback = _fallback_triton(args, settings)
+    with _running(server, *([fallback] if fallback else [])):
         _print_triton(server)
+        servers: tuple[ServerSpec, ...] = ()
+        if fallback is not None:
+            print("fallback  ", end="")
+            _print_triton(fallback)
+            models = settings.triton.fallback_models
+            servers = (
+                ServerSpec("primary", server.grpc_url),
+                ServerSpec("fallback", fallback.grpc_url, models=models),
+            )
         settings = dataclasses.replace(
             settings,
             triton=dataclasses.replace(
@@ -149,6 +180,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 grpc_url=server.grpc_url,
                 http_url=server.http_url,
                 metrics_url=server.metrics_url,
+                servers=servers or settings.triton.servers,
             ),
         )
         host = settings.server.host
@@ -160,8 +192,27 @@ def cmd_up(args: argparse.Namespace) -> int:
             "-d @configs/examples/predict-risk.json",
             flush=True,
         )
-        serve(settings)  # blocks; aiohttp handles SIGINT/SIGTERM and returns
-    return 0
+        # blocks; aiohttp (or the worker supervisor) handles SIGINT/SIGTERM and returns
+        return serve(settings, workers=args.workers)
+
+
+def _fallback_triton(args: argparse.Namespace, settings: Settings) -> TritonServer | None:
+    """The local stack's own Triton for the fallback models (explicit mode, only those)."""
+    models = settings.triton.fallback_models
+    if args.no_fallback_triton or not models:
+        return None
+    return TritonServer(
+        TritonOptions(
+            model_repository=settings.routing.model_repository,
+            ports=TritonPorts(
+                args.fallback_http_port, args.fallback_grpc_port, args.fallback_metrics_port
+            ),
+            address=args.triton_address,
+            model_control_mode="explicit",
+            load_models=tuple(models),
+        ),
+        log_file=args.triton_log_file.with_name("tritonserver-fallback.log"),
+    )
 
 
 def _load_settings(args: argparse.Namespace) -> Settings | None:
@@ -180,8 +231,9 @@ def _print_triton(server: TritonServer) -> None:
 
 
 @contextmanager
-def _running(server: TritonServer) -> Iterator[TritonServer]:
-    """Start ``server`` and wait until ready; stop it on the way out, whatever happens.
+def _running(server: TritonServer, *more: TritonServer) -> Iterator[TritonServer]:
+    """Start ``server`` (and ``more``, all at once) and wait until ready; stop them on the
+    way out, whatever happens.
 
     SIGTERM becomes KeyboardInterrupt, so Ctrl-C and ``kill`` unwind the same way. While
     stopping, both are ignored: the stop is bounded (SIGTERM, then SIGKILL after a grace
@@ -192,15 +244,19 @@ def _running(server: TritonServer) -> Iterator[TritonServer]:
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    servers = (server, *more)
     try:
-        server.start()
-        server.wait_ready()
+        for s in servers:
+            s.start()  # in parallel: each takes seconds to load its models
+        for s in servers:
+            s.wait_ready()
         yield server
     finally:
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         try:
-            server.stop()
+            for s in reversed(servers):
+                s.stop()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

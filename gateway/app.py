@@ -3,23 +3,31 @@ that live as long as the app; modules receive what they need from here."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 from aiohttp import web
 
-from gateway.api import oip
+from gateway.api import admin, feedback, oip
 from gateway.api import routes as v1
 from gateway.api.keys import METRICS, SERVICE, SETTINGS
 from gateway.api.middleware import request_context
 from gateway.backends.base import Backend
+from gateway.backends.pool import BackendPool, PoolMember
 from gateway.backends.triton import TritonBackend
 from gateway.catalog import ModelCatalog
 from gateway.clock import Clock, monotonic
 from gateway.config import Settings
 from gateway.log import configure_logging
-from gateway.metrics import Metrics
-from gateway.predlog.spool import SpoolLog
+from gateway.metrics import MULTIPROC_ENV, Metrics
+from gateway.observability import build_observability
+from gateway.resilience.cache import PredictionCache
+from gateway.resilience.fallback import FallbackLadder
+from gateway.routing.readiness import VersionGate
+from gateway.routing.reload import RouteReloader
+from gateway.routing.shadow import ShadowDispatcher
 from gateway.routing.table import RouteTableRef, load_route_table
 from gateway.service import InferenceService
 
@@ -30,23 +38,53 @@ def build_app(
     settings: Settings, backend: Backend | None = None, clock: Clock = monotonic
 ) -> web.Application:
     """Wire every component from settings. Tests pass a FakeBackend and a fake clock."""
-    metrics = Metrics()
+    metrics = Metrics(multiprocess_dir=os.environ.get(MULTIPROC_ENV))
     catalog = ModelCatalog.load(settings.routing.model_repository)
     table = load_route_table(settings.routing.routes_dir, catalog)
-    backend = backend or TritonBackend(settings.triton.grpc_url, name="triton")
-    p = settings.predlog
-    spool = SpoolLog(p.spool_dir, metrics, p.buffer_size, p.flush_interval_s, p.fsync)
+    pool = build_pool(settings, metrics, clock) if backend is None else None
+    if isinstance(backend, BackendPool) and backend.metrics is None:
+        backend.metrics = metrics  # a pool built by a test reports into this app's registry
+    backend = backend or pool
+    assert backend is not None
+    obs = build_observability(settings, metrics, clock)  # Redis, prediction log, features
+    r = settings.routing
+    shadow = ShadowDispatcher(
+        backend,
+        catalog,
+        metrics,
+        max_in_flight=r.shadow_max_in_flight,
+        timeout_s=r.shadow_timeout_s,
+    )
     service = InferenceService(
         routes=RouteTableRef(table),
         catalog=catalog,
         backend=backend,
-        predlog=spool,
+        predlog=obs.predlog,
+        features=obs.features,
+        log_policies=obs.policies,
         metrics=metrics,
         default_deadline_ms=settings.routing.default_deadline_ms,
         max_deadline_ms=settings.routing.max_deadline_ms,
         control_timeout_s=settings.triton.control_timeout_s,
         clock=clock,
+        shadow=shadow,
     )
+    res = settings.resilience
+    cache = PredictionCache(
+        max_entries=res.cache_max_entries,
+        redis_url=settings.redis.url,
+        redis_timeout_s=res.cache_redis_timeout_s,
+        clock=clock,
+    )
+    service.fallback = FallbackLadder(
+        backend=backend,
+        catalog=lambda: service.catalog,
+        cache=cache,
+        metrics=metrics,
+        policy=res.fallback,
+        clock=clock,
+    )
+    reloader = _route_reloader(settings, service, shadow, metrics)
 
     app = web.Application(
         middlewares=[request_context], client_max_size=settings.server.max_body_bytes
@@ -56,33 +94,126 @@ def build_app(
     app[SERVICE] = service
     app.add_routes(v1.routes)
     app.add_routes(oip.routes)
+    app.add_routes(admin.routes)
+    app.add_routes(feedback.routes)
+    if obs.labels is not None:
+        app[feedback.LABELS] = obs.labels
+    app[admin.RELOADER] = reloader
+    if isinstance(backend, BackendPool):
+        app[admin.POOL] = backend
 
     async def predlog_ctx(_: web.Application) -> AsyncIterator[None]:
-        await spool.start()
+        await obs.start()
         yield
-        await spool.close()
+        await obs.close()  # flushes the prediction log
 
     async def backend_ctx(_: web.Application) -> AsyncIterator[None]:
         yield
         await backend.close()
 
-    app.cleanup_ctx.extend([predlog_ctx, backend_ctx])
+    async def routing_ctx(_: web.Application) -> AsyncIterator[None]:
+        await reloader.start(sighup=settings.routing.reload_on_sighup)
+        yield
+        await reloader.stop()
+        await shadow.close()  # before the backend closes under the copies in flight
+
+    async def resilience_ctx(_: web.Application) -> AsyncIterator[None]:
+        # Health checks, the fallback models' warm-up probe, batched cache writes to Redis.
+        t = settings.triton
+        assert service.fallback is not None
+        jobs = [
+            service.fallback.run_warmer(service.routes, t.control_timeout_s),
+            cache.run_flusher(),
+        ]
+        if pool is not None:
+            jobs.append(pool.run_health_checks(t.health_interval_s, t.health_timeout_s))
+        tasks = [asyncio.create_task(job) for job in jobs]
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await cache.close()
+
+    app.cleanup_ctx.extend([predlog_ctx, backend_ctx, routing_ctx, resilience_ctx])
     log.info("app_built", routes=sorted(table.routes), triton=settings.triton.grpc_url)
     return app
 
 
-def serve(settings: Settings) -> None:
-    """Run the gateway until SIGINT/SIGTERM (blocking)."""
+def build_pool(settings: Settings, metrics: Metrics, clock: Clock = monotonic) -> BackendPool:
+    """The configured Triton servers as one Backend with breakers, retries and admission."""
+    res = settings.resilience
+    members = [
+        PoolMember(spec.name, TritonBackend(spec.grpc_url, name=spec.name), frozenset(spec.models))
+        for spec in settings.triton.server_specs()
+    ]
+    return BackendPool(
+        members,
+        breaker_policy=res.breaker,
+        retry_policy=res.retry,
+        admission=res.admission,
+        metrics=metrics,
+        clock=clock,
+    )
+
+
+def _route_reloader(
+    settings: Settings, service: InferenceService, shadow: ShadowDispatcher, metrics: Metrics
+) -> RouteReloader:
+    """Hot reload of routes: the catalog is re-read too, so a new version's manifest counts."""
+    r = settings.routing
+
+    def use_catalog(catalog: ModelCatalog) -> None:
+        service.catalog = shadow.catalog = catalog
+
+    gate = VersionGate(
+        service.backend,
+        load_versions=r.load_versions,
+        timeout_s=r.readiness_timeout_s,
+        control_timeout_s=settings.triton.control_timeout_s,
+    )
+    return RouteReloader(
+        r.routes_dir,
+        service.routes,
+        gate,
+        metrics,
+        load_catalog=lambda: ModelCatalog.load(r.model_repository),
+        on_catalog=use_catalog,
+        interval_s=r.reload_interval_s,
+    )
+
+
+def serve(settings: Settings, workers: int = 1) -> int:
+    """Run the gateway until SIGINT/SIGTERM (blocking); ``workers`` > 1 supervises that many
+    processes sharing the port (gateway.workers). Returns the exit status."""
+    if workers > 1:
+        from gateway.workers import Supervisor
+
+        configure_logging(settings.log.level, settings.log.json)
+        return Supervisor(settings, workers).run()
+    serve_one(settings)
+    return 0
+
+
+def serve_one(
+    settings: Settings, reuse_port: bool = False, on_listening: Callable[[], object] | None = None
+) -> None:
+    """One gateway process on a uvloop event loop; ``on_listening`` runs once it accepts."""
     configure_logging(settings.log.level, settings.log.json)
+    loop: asyncio.AbstractEventLoop
     try:
         import uvloop
 
-        uvloop.install()
+        loop = uvloop.new_event_loop()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        pass
+        loop = asyncio.new_event_loop()
 
     async def make_app() -> web.Application:
         return build_app(settings)  # inside the loop: grpc.aio channels bind to it
+
+    def listening(_: str) -> None:
+        log.info("listening", host=settings.server.host, port=settings.server.port, pid=os.getpid())
+        if on_listening is not None:
+            on_listening()
 
     web.run_app(
         make_app(),
@@ -90,7 +221,7 @@ def serve(settings: Settings) -> None:
         port=settings.server.port,
         access_log=None,
         shutdown_timeout=settings.server.shutdown_timeout_s,
-        print=lambda msg: log.info(
-            "listening", host=settings.server.host, port=settings.server.port
-        ),
+        reuse_port=reuse_port or None,
+        print=listening,
+        loop=loop,
     )

@@ -1,8 +1,16 @@
-"""Prometheus metrics of ARCHITECTURE section 7, held in one registry that the app owns."""
+"""Prometheus metrics of ARCHITECTURE section 7, held in one registry that the app owns.
+
+Under `serve --workers N` every worker writes its values to PROMETHEUS_MULTIPROC_DIR (set by
+the parent before the workers import prometheus_client) and /metrics aggregates all workers.
+Gauges therefore name a ``multiprocess_mode``; one without it is reported per pid.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 1.0,
@@ -11,8 +19,11 @@ LATENCY_BUCKETS = (
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, multiprocess_dir: str | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir
         r = self.registry
         self.latency = Histogram(
             "inference_latency_seconds",
@@ -35,6 +46,7 @@ class Metrics:
             "Circuit breaker state (0 closed, 1 half-open, 2 open)",
             ["server", "model"],
             registry=r,
+            multiprocess_mode="livemax",  # the most open view among live workers
         )
         self.shed = Counter(
             "shed_total", "Requests shed by admission control", ["backend"], registry=r
@@ -42,12 +54,85 @@ class Metrics:
         self.route_reloads = Counter(
             "route_reloads_total", "Route table reloads by result", ["result"], registry=r
         )
+        self.shadow = Counter(
+            "shadow_requests_total",
+            "Shadow copies by outcome (agree, disagree, error, dropped)",
+            ["model", "target", "result"],
+            registry=r,
+        )
+        self.shadow_score_delta = Histogram(
+            "shadow_score_delta",
+            "Absolute score difference between a shadow target and the primary answer",
+            ["model", "target"],
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=r,
+        )
         self.predlog_entries = Counter(
             "prediction_log_entries_total",
             "Prediction log entries written, by sink",
             ["sink"],
             registry=r,
         )
+        # Prediction log durability (gateway.predlog): lag = accepted, not yet in the stream.
+        self.predlog_lag = Gauge(
+            "prediction_log_lag",
+            "Prediction log entries accepted but not yet in the Redis stream (buffer + spool)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.predlog_spooled = Counter(
+            "prediction_log_spooled_total",
+            "Entries written to the disk spool, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.predlog_replayed = Counter(
+            "prediction_log_replayed_total", "Spooled entries replayed to Redis", registry=r
+        )
+        self.predlog_dropped = Counter(
+            "prediction_log_dropped_total",
+            "Entries lost (spool unwritable) or skipped as duplicates, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.feature_lookups = Counter(
+            "feature_lookups_total",
+            "Online feature lookups by result (hit, cache, missing, error)",
+            ["feature_set", "result"],
+            registry=r,
+        )
+        self.model_accuracy = Gauge(
+            "model_accuracy",
+            "Accuracy from joined feedback labels",
+            ["model", "version", "arm"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.canary_accuracy_delta = Gauge(
+            "canary_accuracy_delta",
+            "Challenger accuracy minus champion accuracy, from joined labels",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.batch_fill_ratio = Gauge(
+            "batch_fill_ratio",
+            "Inferences per Triton execution (nv_inference_count / nv_inference_exec_count)",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.triton_queue_seconds = Gauge(
+            "triton_queue_seconds",
+            "Mean time a request waited in Triton's queue over the last scrape interval",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
 
     def render(self) -> bytes:
+        if self.multiprocess_dir:
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged, path=self.multiprocess_dir)
+            return generate_latest(merged)
         return generate_latest(self.registry)

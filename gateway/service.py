@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import time
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,9 +19,13 @@ import structlog
 from gateway.backends.base import Backend, InferRequest, InferResponse
 from gateway.catalog import ModelCatalog, ModelSchema
 from gateway.clock import Clock, monotonic
-from gateway.errors import ClientError, NotReady, SwitchyardError
+from gateway.errors import ClientError, DeadlineExceeded, NotReady, SwitchyardError
+from gateway.features import FeatureStore
 from gateway.metrics import Metrics
+from gateway.predlog.redaction import LogPolicies, LogPolicy
 from gateway.resilience.deadline import Deadline
+from gateway.resilience.fallback import FallbackLadder, reason_for
+from gateway.routing.shadow import Primary, ShadowDispatcher
 from gateway.routing.table import Route, RouteTableRef, Target
 from gateway.tensors import Tensor
 
@@ -99,6 +105,12 @@ class InferenceService:
         max_deadline_ms: int = 30_000,
         control_timeout_s: float = 2.0,
         clock: Clock = monotonic,
+        features: FeatureStore | None = None,
+        log_policies: LogPolicies | None = None,
+        wall: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        shadow: ShadowDispatcher | None = None,
+        fallback: FallbackLadder | None = None,
     ) -> None:
         self.routes = routes
         self.catalog = catalog
@@ -109,6 +121,16 @@ class InferenceService:
         self.max_deadline_ms = max_deadline_ms
         self.control_timeout_s = control_timeout_s
         self.clock = clock
+        self.features = features  # online feature store; None: feature_refs answer 400
+        self.log_policies = log_policies or LogPolicies(LogPolicy(), {})
+        self.wall = wall  # prediction log timestamps
+        self.rng = rng or random.Random()  # random splits; tests inject a seeded one
+        self.shadow = shadow
+        self.fallback = fallback  # None: no ladder, primary errors reach the caller
+        #: Requests per (model, arm) since start, for GET /admin/routes.
+        self.arm_counts: Counter[tuple[str, str]] = Counter()
+        #: Metric children of successful answers per (model, version, arm), built once.
+        self._ok_metrics: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     # -- deadlines -------------------------------------------------------------------------
     def deadline_for(self, context: Mapping[str, Any], route: Route | None = None) -> Deadline:
@@ -123,42 +145,137 @@ class InferenceService:
     # shadow traffic). predict_batch only sequences them.
 
     async def _features(self, req: PredictRequest, deadline: Deadline) -> Any:
-        """Inline features, or feature_refs resolved from the online store."""
-        if req.feature_refs:
+        """Inline features, or feature_refs resolved from the online store (inline wins)."""
+        if not req.feature_refs:
+            return req.features
+        if self.features is None:
             raise ClientError(
                 "feature_refs need the online feature store, which is not configured",
                 code="feature_store_unavailable",
             )
-        return req.features
+        resolved = await self.features.resolve(req.feature_refs, req.entity_id, deadline)
+        if req.features is None:
+            return resolved
+        if not isinstance(req.features, Mapping):
+            raise ClientError(
+                "with feature_refs, inline features must be an object of name -> number",
+                code="invalid_field",
+                details={"field": "features"},
+            )
+        return {**resolved, **req.features}
 
     def _choose(self, route: Route, req: PredictRequest) -> tuple[Target, str]:
-        """The target and arm name that answer this request."""
-        return route.champion, "champion"
+        """The target and arm name that answer this request: segment, then split."""
+        target, arm = route.choose(req.entity_id, req.context, self.rng)
+        self.arm_counts[(route.name, arm)] += 1
+        return target, arm
 
     async def _plan(self, req: PredictRequest, deadline: Deadline) -> _Planned:
         route = self.routes.current.get(req.model_name)
         target, arm = self._choose(route, req)
         schema = self.catalog.schema(target.model, target.version)
-        features = await self._features(req, deadline)
+        # Inline features need no await: a coroutine per request costs more than the step.
+        features = await self._features(req, deadline) if req.feature_refs else req.features
         return _Planned(req, route, target, arm, schema.vectorize(features))
 
     async def _answer(
         self, target: Target, group: list[_Planned], deadline: Deadline
     ) -> list[Prediction]:
-        """One backend call for every request bound to this target."""
+        """One backend call for every request bound to this target; when the primary cannot
+        answer (breaker open, error after retries, out of time, too slow), the fallback
+        ladder does, and each answer names its rung and the version that produced it."""
         schema = self.catalog.schema(target.model, target.version)
         rows = np.stack([p.row for p in group])
-        try:
-            resp = await self._infer_rows(schema, rows, group[0].request.request_id, deadline)
-        except SwitchyardError as exc:
-            self.metrics.requests.labels(group[0].request.model_name, exc.code).inc(len(group))
-            raise
-        return [self._prediction(p, resp, j) for j, p in enumerate(group)]
+        request_id = group[0].request.request_id
+        ladder = self.fallback
+        if ladder is None:
+            try:
+                resp = await self._infer_rows(schema, rows, request_id, deadline)
+            except SwitchyardError as exc:
+                self._count_failure(group, exc)
+                raise
+            return [self._prediction(p, resp, j) for j, p in enumerate(group)]
+
+        route = group[0].route
+        keys = [input_hash(target, p.row) for p in group]
+        # Off for most routes: then no coroutine is built and awaited only to answer None.
+        hits = (
+            await ladder.cached_responses(route, keys, deadline)
+            if ladder.caches_responses(route)
+            else None
+        )
+        if hits is not None:  # response cache (deterministic models only, per route)
+            return [
+                self._cached_prediction(p, hit, None) for p, hit in zip(group, hits, strict=True)
+            ]
+        reason = ladder.skip_reason(route, target, deadline)
+        error: SwitchyardError = DeadlineExceeded("no time left for the primary")
+        if reason is None:
+            started = self.clock()
+            try:
+                primary_deadline = ladder.primary_deadline(route, deadline)
+                resp = await self._infer_rows(schema, rows, request_id, primary_deadline)
+            except SwitchyardError as exc:
+                if isinstance(exc, DeadlineExceeded):
+                    ladder.observe(target, self.clock() - started)
+                reason = reason_for(exc)
+                if reason is None:  # bad input or load shedding: the caller must see it
+                    self._count_failure(group, exc)
+                    raise
+                error = exc
+            else:
+                ladder.observe(target, self.clock() - started)
+                preds = [self._prediction(p, resp, j) for j, p in enumerate(group)]
+                ladder.remember(route, keys, [_cacheable(pred) for pred in preds])
+                return preds
+        rescue = await ladder.rescue(route, rows, keys, request_id, deadline, reason)
+        if rescue is None:
+            self._count_failure(group, error)
+            raise error
+        if rescue.response is not None:
+            preds = [self._prediction(p, rescue.response, j) for j, p in enumerate(group)]
+            for pred in preds:
+                pred.fallback_used = rescue.rung
+            return preds
+        return [
+            self._cached_prediction(p, answer, rung)
+            for p, (rung, answer) in zip(group, rescue.answers, strict=True)
+        ]
+
+    def _count_failure(self, group: list[_Planned], exc: SwitchyardError) -> None:
+        self.metrics.requests.labels(group[0].request.model_name, exc.code).inc(len(group))
+
+    def _cached_prediction(
+        self, p: _Planned, answer: Mapping[str, Any], rung: str | None
+    ) -> Prediction:
+        return Prediction(
+            request_id=p.request.request_id,
+            model_name=p.request.model_name,
+            model_version=str(answer.get("version") or p.target.version),
+            policy_version=p.route.policy_version,
+            score=answer.get("score"),
+            decision=answer.get("decision"),
+            confidence=answer.get("confidence"),
+            outputs=dict(answer.get("outputs") or {}),
+            arm=p.arm,
+            fallback_used=rung,
+        )
 
     def _after_answer(self, planned: list[_Planned], preds: list[Prediction]) -> None:
         """Runs once the answers are final: metrics and the prediction log."""
         for p, pred in zip(planned, preds, strict=True):
             self._record(p, pred)
+        if self.shadow is not None:
+            self._dispatch_shadows(planned, preds)
+
+    def _dispatch_shadows(self, planned: list[_Planned], preds: list[Prediction]) -> None:
+        """Fire-and-forget copies to the route's shadow targets (answers already final)."""
+        assert self.shadow is not None
+        for p, pred in zip(planned, preds, strict=True):
+            if p.route.shadows and pred.fallback_used is None:
+                self.shadow.dispatch(p.route.shadows, Primary(
+                    pred.request_id, pred.model_name, p.target, p.row, p.request.features,
+                    pred.score, pred.decision))  # fmt: skip
 
     async def predict(self, req: PredictRequest) -> Prediction:
         return (await self.predict_batch([req]))[0]
@@ -227,27 +344,40 @@ class InferenceService:
         )
 
     def _record(self, p: _Planned, pred: Prediction) -> None:
-        self.metrics.latency.labels(pred.model_name, pred.model_version, pred.arm).observe(
-            pred.latency_ms / 1000.0
-        )
-        self.metrics.requests.labels(pred.model_name, "ok").inc()
-        self.predlog.record(
-            {
-                "request_id": pred.request_id,
-                "entity_id": p.request.entity_id,
-                "model": pred.model_name,
-                "target": p.target.model,
-                "version": pred.model_version,
-                "policy_version": pred.policy_version,
-                "arm": pred.arm,
-                "input_hash": input_hash(p.target, p.row),
-                "output": {"score": pred.score, "decision": pred.decision,
-                           "confidence": pred.confidence},
-                "fallback_used": pred.fallback_used,
-                "latency_ms": round(pred.latency_ms, 3),
-                "ts": time.time(),
+        key = (pred.model_name, pred.model_version, pred.arm)
+        children = self._ok_metrics.get(key)
+        if children is None:  # .labels() validates and locks on every call: once per key
+            children = self._ok_metrics[key] = (
+                self.metrics.latency.labels(*key),
+                self.metrics.requests.labels(pred.model_name, "ok"),
+            )
+        children[0].observe(pred.latency_ms / 1000.0)
+        children[1].inc()
+        # Redaction and sampling happen here, before the entry leaves the process; record()
+        # only enqueues, so the request never waits on the log.
+        policy = self.log_policies.for_model(pred.model_name)
+        entry: dict[str, Any] = {
+            "request_id": pred.request_id,
+            "entity_id": p.request.entity_id,
+            "model": pred.model_name,
+            "target": p.target.model,
+            "version": pred.model_version,
+            "policy_version": pred.policy_version,
+            "arm": pred.arm,
+            "input_hash": input_hash(p.target, p.row),
+            "output": {"score": pred.score, "decision": pred.decision,
+                       "confidence": pred.confidence},
+            "fallback_used": pred.fallback_used,
+            "latency_ms": round(pred.latency_ms, 3),
+            "ts": self.wall(),
+        }  # fmt: skip
+        if policy.sampled(self.log_policies.rand):
+            names = self.catalog.schema(p.target.model, p.target.version).features
+            entry["payload"] = {
+                "features": dict(zip(names, p.row.tolist(), strict=True)),
+                "context": dict(p.request.context),
             }
-        )  # fmt: skip
+        self.predlog.record(policy.apply(entry))
 
     # -- /v2 tensors -----------------------------------------------------------------------
     def resolve_version(self, model: str, version: str) -> str:
@@ -278,6 +408,17 @@ class InferenceService:
         if not_ready:
             raise NotReady("targets not ready: " + ", ".join(not_ready), details=states)
         return states
+
+
+def _cacheable(pred: Prediction) -> dict[str, Any]:
+    """What the cache keeps of an answer: enough to answer again, naming its version."""
+    return {
+        "version": pred.model_version,
+        "score": pred.score,
+        "decision": pred.decision,
+        "confidence": pred.confidence,
+        "outputs": pred.outputs,
+    }
 
 
 def input_hash(target: Target, row: np.ndarray) -> str:

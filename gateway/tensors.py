@@ -3,6 +3,7 @@ contents and the OIP binary-tensor extension)."""
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -74,7 +75,7 @@ def to_bytes(t: Tensor) -> bytes:
 
 def from_bytes(name: str, datatype: str, shape: list[int], raw: bytes | memoryview) -> Tensor:
     """Parse raw contents; raises ClientError when the byte count does not fit the shape."""
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # not np.prod: ~20x cheaper on a short list (hot path)
     if datatype == "BYTES":
         items: list[bytes] = []
         view, pos = memoryview(raw), 0

@@ -1,7 +1,8 @@
 """Operator endpoints: `GET /admin/routes` shows what is routing traffic right now.
 
 The live table (arms with weights, segments, shadows, policy_version per route), the last
-reload's result and error, requests per arm since start, and shadow agreement.
+reload's result and error, requests per arm since start, shadow agreement, and per Triton
+server its readiness, calls in flight and circuit-breaker state per model.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from aiohttp import web
 
 from gateway.api.keys import SERVICE
 from gateway.api.middleware import json_response
+from gateway.backends.pool import BackendPool
 from gateway.routing.reload import RouteReloader
 from gateway.routing.table import Route
 
 RELOADER = web.AppKey("route_reloader", RouteReloader)
+POOL = web.AppKey("backend_pool", BackendPool)
 
 routes = web.RouteTableDef()
 
@@ -34,6 +37,7 @@ async def admin_routes(request: web.Request) -> web.Response:
         },
         "last_reload": reloader.last.to_dict() if reloader and reloader.last else None,
         "shadow": service.shadow.summary() if service.shadow is not None else {},
+        "servers": pool.states() if (pool := request.app.get(POOL)) is not None else {},
     }
     return json_response(body)
 

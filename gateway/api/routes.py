@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -41,7 +43,8 @@ async def predict_batch(request: web.Request) -> web.Response:
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    # pid: which worker answered (serve --workers N); cheap, and handy behind SO_REUSEPORT.
+    return json_response({"status": "ok", "pid": os.getpid()})
 
 
 @routes.get("/readyz")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from gateway.tensors import Tensor
 
@@ -53,3 +53,23 @@ class Backend(Protocol):
     async def model_config(self, model: str, version: str, timeout_s: float) -> dict[str, Any]: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ModelControl(Protocol):
+    """Loading and unloading model versions (Triton's model-control API, explicit mode).
+
+    Separate from `Backend` so backends without model control (pools, fakes) still conform.
+    """
+
+    async def repository_index(self, timeout_s: float) -> list[dict[str, Any]]:
+        """Every model version the server knows: {name, version, state, reason}."""
+        ...
+
+    async def load_model(
+        self, model: str, timeout_s: float, config: Mapping[str, Any] | None = None
+    ) -> None:
+        """(Re)load ``model``; ``config`` overrides its config.pbtxt (e.g. version_policy)."""
+        ...
+
+    async def unload_model(self, model: str, timeout_s: float) -> None: ...

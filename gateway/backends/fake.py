@@ -37,6 +37,8 @@ class FakeBackend:
         self.calls: list[InferRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.broken: set[tuple[str, str]] = set()  # (model, version) that fail to load
+        self.loads: list[tuple[str, Mapping[str, Any] | None]] = []
 
     def _model(self, model: str, version: str) -> FakeModel:
         m = self.models.get(model)
@@ -99,6 +101,31 @@ class FakeBackend:
     async def model_config(self, model: str, version: str, timeout_s: float) -> dict[str, Any]:
         m = self._model(model, version)
         return {"name": m.name, "backend": "fake", "max_batch_size": 0}
+
+    # -- model control: versions listed in `broken` fail to load; others become ready --------
+    async def repository_index(self, timeout_s: float) -> list[dict[str, Any]]:
+        return [
+            {"name": m.name, "version": v, "state": "READY"}
+            for m in self.models.values()
+            for v in m.versions
+        ]
+
+    async def load_model(
+        self, model: str, timeout_s: float, config: Mapping[str, Any] | None = None
+    ) -> None:
+        self.loads.append((model, config))
+        m = self.models.get(model)
+        if m is None:
+            raise errors.ModelNotFound(f"unknown model {model!r}")
+        policy = (config or {}).get("version_policy", {}).get("specific", {})
+        wanted = tuple(str(v) for v in policy.get("versions", ())) or m.versions
+        bad = [v for v in wanted if (model, v) in self.broken]
+        if bad:
+            raise errors.BackendError(f"failed to load {model!r} version {bad[0]}")
+        m.versions = tuple(dict.fromkeys((*m.versions, *wanted)))
+
+    async def unload_model(self, model: str, timeout_s: float) -> None:
+        self.models.pop(model, None)
 
     async def close(self) -> None:
         return None

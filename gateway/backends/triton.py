@@ -7,7 +7,8 @@ Every grpc error is translated to `gateway.errors` right here (the boundary).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -100,6 +101,16 @@ class TritonBackend:
                 ("grpc.keepalive_timeout_ms", 5_000),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # Reconnect fast after a server restart (gRPC's default backoff grows to
+                # 120 s): a pool member must come back within seconds of being ready.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+                # The pool retries (budgeted, deadline-aware); gRPC's own retry machinery
+                # only adds per-call work. A channel-local subchannel pool skips the global
+                # one's locking. Together ~10 % less client CPU per call (docs/benchmarks.md).
+                ("grpc.enable_retries", 0),
+                ("grpc.use_local_subchannel_pool", 1),
             ],
         )
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
@@ -157,6 +168,28 @@ class TritonBackend:
         with map_grpc_errors(self.name, model):
             r = await self._stub.ModelConfig(req, timeout=timeout_s)
         return proto_to_json(r.config)
+
+    # -- model control (explicit mode) -----------------------------------------------------
+    async def repository_index(self, timeout_s: float) -> list[dict[str, Any]]:
+        with map_grpc_errors(self.name):
+            r = await self._stub.RepositoryIndex(
+                service_pb2.RepositoryIndexRequest(ready=False), timeout=timeout_s
+            )
+        return [proto_to_json(m) for m in r.models]
+
+    async def load_model(
+        self, model: str, timeout_s: float, config: Mapping[str, Any] | None = None
+    ) -> None:
+        req = service_pb2.RepositoryModelLoadRequest(model_name=model)
+        if config is not None:
+            req.parameters["config"].string_param = json.dumps(config)
+        with map_grpc_errors(self.name, model):
+            await self._stub.RepositoryModelLoad(req, timeout=timeout_s)
+
+    async def unload_model(self, model: str, timeout_s: float) -> None:
+        req = service_pb2.RepositoryModelUnloadRequest(model_name=model)
+        with map_grpc_errors(self.name, model):
+            await self._stub.RepositoryModelUnload(req, timeout=timeout_s)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -42,7 +42,11 @@ def wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen[bytes], l
 
 
 def start_gateway(
-    repo_root: Path, workdir: Path, grpc_url: str, extra_env: dict[str, str] | None = None
+    repo_root: Path,
+    workdir: Path,
+    grpc_url: str,
+    extra_env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
 ) -> GatewayProcess:
     port = free_port()
     spool = workdir / "spool"
@@ -53,11 +57,13 @@ def start_gateway(
         "SWITCHYARD__PREDLOG__SPOOL_DIR": str(spool),
         "SWITCHYARD__SERVER__HOST": "127.0.0.1",
         "SWITCHYARD__SERVER__PORT": str(port),
+        # No Redis unless a test asks for it: the prediction log stays in the spool directory.
+        "SWITCHYARD__REDIS__URL": '""',
         **(extra_env or {}),
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", "configs/gateway.yaml"],
+            [sys.executable, "-m", "gateway", "serve", "--config", "configs/gateway.yaml", *args],
             cwd=repo_root,
             env=env,
             stdout=out,

@@ -172,9 +172,15 @@ def test_deadline_passed_is_504(gateway: GatewayProcess) -> None:
     # Triton's dynamic batcher alone waits up to 5 ms; 0.05 ms cannot be met.
     status, body = call(
         f"{gateway.url}/v1/predict",
-        {"model_name": "risk", "features": [1.0] * 30, "context": {"deadline_ms": 0.05}},
+        {"model_name": "digits", "features": [1.0] * 64, "context": {"deadline_ms": 0.05}},
     )
     assert status == 504 and body["error"]["code"] == "deadline_exceeded"
+    # A route with a fallback ladder answers from it instead (risk: the static default).
+    status, body = call(
+        f"{gateway.url}/v1/predict",
+        {"model_name": "risk", "features": [1.0] * 30, "context": {"deadline_ms": 0.05}},
+    )
+    assert status == 200 and body["fallback_used"] == "default"
 
 
 def test_triton_down_is_503(repo_root: Path, tmp_path: Path) -> None:
@@ -182,8 +188,12 @@ def test_triton_down_is_503(repo_root: Path, tmp_path: Path) -> None:
 
     gw = start_gateway(repo_root, tmp_path, f"127.0.0.1:{free_port()}")
     try:
-        status, body = call(f"{gw.url}/v1/predict", {"model_name": "risk", "features": [1.0] * 30})
+        body = {"model_name": "digits", "features": [1.0] * 64}  # no fallback ladder
+        status, body = call(f"{gw.url}/v1/predict", body)
         assert status == 503 and body["error"]["code"] == "backend_unavailable"
+        # risk has one: with every Triton down its last rung, the static default, answers
+        status, body = call(f"{gw.url}/v1/predict", {"model_name": "risk", "features": [1.0] * 30})
+        assert status == 200 and body["fallback_used"] == "default"
         assert call(f"{gw.url}/readyz", method="GET")[0] == 503
     finally:
         stop_gateway(gw)

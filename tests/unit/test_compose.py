@@ -88,6 +88,12 @@ def test_gateway_env_is_valid_settings_pointing_at_real_services(compose) -> Non
             assert host in svcs, f"{key} names unknown service {host}"
             assert port in container_ports(svcs[host]), f"{key}: {host} does not listen on {port}"
     assert settings.triton.grpc_url == "triton:8001"
+    for server in settings.triton.servers:
+        host, port = server.grpc_url.split(":")
+        assert host in svcs and int(port) in container_ports(svcs[host]), server
+        for model in server.models:
+            assert f"--load-model={model}" in svcs[host]["command"], (host, model)
+    assert {s.name for s in settings.triton.servers} == {"primary", "fallback"}
     command = svcs["gateway"]["command"]
     config = command[command.index("--config") + 1]
     assert (ROOT / config).is_file()
@@ -106,3 +112,32 @@ def test_triton_serves_the_mounted_repository(compose) -> None:
             if arg.startswith("--load-model=") and arg != "--load-model=*":
                 model = arg.split("=", 1)[1]
                 assert (ROOT / mounts[repo] / model / "config.pbtxt").is_file(), model
+
+
+def test_prometheus_in_compose_scrapes_compose_services(compose) -> None:
+    svcs = services(compose)
+    prom = svcs["prometheus"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in prom["volumes"]}
+    config = yaml.safe_load((ROOT / mounts["/etc/prometheus/prometheus.yml"]).read_text())
+    for rule_file in config["rule_files"]:
+        assert f"/etc/prometheus/{rule_file}" in mounts, rule_file
+    targets = [
+        t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    ]
+    assert targets
+    for target in targets:
+        host, port = target.split(":")
+        assert host in svcs and int(port) in container_ports(svcs[host]), target
+
+
+def test_grafana_provisioning_points_at_compose_prometheus(compose) -> None:
+    grafana = services(compose)["grafana"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"]}
+    ds_file = mounts["/etc/grafana/provisioning/datasources/prometheus.yml"]
+    ds = yaml.safe_load((ROOT / ds_file).read_text())["datasources"][0]
+    assert ds["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load(
+        (ROOT / mounts["/etc/grafana/provisioning/dashboards"] / "switchyard.yml").read_text()
+    )["providers"]
+    dashboards_dir = providers[0]["options"]["path"]
+    assert dashboards_dir in mounts and list((ROOT / mounts[dashboards_dir]).glob("*.json"))

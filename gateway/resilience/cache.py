@@ -1,0 +1,130 @@
+"""Predictions by input hash: a small in-process LRU in front of Redis, both with a TTL.
+
+Serves two purposes: the ladder's cache rung (the last answer for the same input) and the
+per-route response cache for deterministic models. Redis is optional and never required:
+every Redis error is caught here (the boundary), the rung falls back to the LRU alone, and
+writes to Redis happen in batches off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+import structlog
+from redis.exceptions import RedisError
+
+from gateway.clock import Clock, monotonic
+
+log = structlog.get_logger(__name__)
+
+CachedAnswer = dict[str, Any]  # {"version", "score", "decision", "confidence", "outputs"}
+
+
+class PredictionCache:
+    def __init__(
+        self,
+        *,
+        max_entries: int = 10_000,
+        redis_url: str = "",
+        redis_timeout_s: float = 0.02,
+        key_prefix: str = "switchyard:pred:",
+        clock: Clock = monotonic,
+        max_pending_writes: int = 10_000,
+    ) -> None:
+        self.max_entries = max_entries
+        self.redis_timeout_s = redis_timeout_s
+        self.key_prefix = key_prefix
+        self.clock = clock
+        self.max_pending_writes = max_pending_writes
+        self._lru: OrderedDict[str, tuple[float, CachedAnswer]] = OrderedDict()
+        self._pending: dict[str, tuple[float, CachedAnswer]] = {}
+        self._redis: Any = None
+        self._redis_down_logged = False
+        if redis_url:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.Redis.from_url(
+                redis_url,
+                socket_connect_timeout=redis_timeout_s,
+                socket_timeout=redis_timeout_s,
+                retry_on_timeout=False,
+            )
+
+    # -- reads -----------------------------------------------------------------------------
+    async def get(self, key: str, timeout_s: float) -> CachedAnswer | None:
+        """The cached answer, or None on a miss, an expired entry or an unreachable Redis."""
+        hit = self._lru.get(key)
+        if hit is not None:
+            expires, value = hit
+            if expires > self.clock():
+                self._lru.move_to_end(key)
+                return value
+            del self._lru[key]
+        if self._redis is None or timeout_s <= 0:
+            return None
+        try:
+            async with asyncio.timeout(min(timeout_s, self.redis_timeout_s)):
+                raw = await self._redis.get(self.key_prefix + key)
+        except (TimeoutError, OSError, RedisError) as exc:
+            self._redis_failed("get", exc)
+            return None
+        if raw is None:
+            return None
+        value = orjson.loads(raw)
+        return value if isinstance(value, dict) else None
+
+    # -- writes ----------------------------------------------------------------------------
+    def put(self, key: str, value: Mapping[str, Any], ttl_s: float) -> None:
+        """Store in the LRU now; queue for Redis (written by `flush`)."""
+        if ttl_s <= 0:
+            return
+        entry = (self.clock() + ttl_s, dict(value))
+        self._lru[key] = entry
+        self._lru.move_to_end(key)
+        while len(self._lru) > self.max_entries:
+            self._lru.popitem(last=False)
+        if self._redis is not None and len(self._pending) < self.max_pending_writes:
+            self._pending[key] = entry
+
+    async def flush(self) -> int:
+        """Write the queued entries to Redis in one pipeline; drops them if Redis is down."""
+        if self._redis is None or not self._pending:
+            return 0
+        batch, self._pending = self._pending, {}
+        now = self.clock()
+        try:
+            async with asyncio.timeout(max(1.0, self.redis_timeout_s * 10)):
+                pipe = self._redis.pipeline(transaction=False)
+                for key, (expires, value) in batch.items():
+                    ttl_ms = int((expires - now) * 1000)
+                    if ttl_ms > 0:
+                        pipe.set(self.key_prefix + key, orjson.dumps(value), px=ttl_ms)
+                await pipe.execute()
+        except (TimeoutError, OSError, RedisError) as exc:
+            self._redis_failed("flush", exc)
+            return 0
+        self._redis_down_logged = False
+        return len(batch)
+
+    async def run_flusher(self, interval_s: float = 0.1) -> None:
+        """Background task: flush every ``interval_s`` until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.flush()
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self.flush()
+            try:
+                await self._redis.aclose()
+            except (OSError, RedisError) as exc:
+                log.debug("cache_redis_close_failed", error=str(exc))
+
+    def _redis_failed(self, op: str, exc: BaseException) -> None:
+        if not self._redis_down_logged:  # once per outage, not once per request
+            log.warning("cache_redis_unavailable", op=op, error=repr(exc))
+            self._redis_down_logged = True
