@@ -17,6 +17,9 @@ import numpy as np
 
 from gateway.errors import ModelNotFound, ValidationFailed, VersionNotFound
 
+_PLAIN_NUMBERS = frozenset({int, float})  # exact types: bool (an int subclass) is not one
+_F32_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass(frozen=True, slots=True)
 class ModelSchema:
@@ -31,13 +34,15 @@ class ModelSchema:
     def vectorize(self, features: Any) -> np.ndarray:
         """Features by name (a mapping) or in schema order (a list) -> a float32 row."""
         if isinstance(features, Mapping):
-            missing = [n for n in self.features if n not in features]
-            if missing:
+            try:  # the hot path: one pass; the missing list only when one is missing
+                values: Sequence[Any] = [features[n] for n in self.features]
+            except KeyError:
+                missing = [n for n in self.features if n not in features]
                 raise ValidationFailed(
                     f"{len(missing)} feature(s) missing, e.g. {missing[0]!r}",
                     code="missing_feature",
                     details={"missing": missing},
-                )
+                ) from None
             if len(features) != len(self.features):
                 unknown = sorted(set(features) - set(self.features))
                 raise ValidationFailed(
@@ -45,7 +50,6 @@ class ModelSchema:
                     code="unknown_feature",
                     details={"unknown": unknown},
                 )
-            values: Sequence[Any] = [features[n] for n in self.features]
         elif isinstance(features, list):
             if len(features) != len(self.features):
                 raise ValidationFailed(
@@ -59,13 +63,18 @@ class ModelSchema:
                 "features must be an object of name -> number, or a list of numbers",
                 code="invalid_features",
             )
-        for name, v in zip(self.features, values, strict=True):
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise ValidationFailed(
-                    f"feature {name!r} must be a number, got {type(v).__name__}",
-                    code="invalid_feature_type",
-                    details={"feature": name},
-                )
+        if not all(type(v) in _PLAIN_NUMBERS for v in values):
+            self._check_types(values)  # raises on a non-number; int/float subclasses pass
+        # Fast path: every value within float32 range and their sum finite (no NaN) means the
+        # cast cannot overflow and the row is finite; errstate and isfinite cost more than
+        # the rest of this method.
+        if (
+            values
+            and min(values) >= -_F32_MAX
+            and max(values) <= _F32_MAX
+            and math.isfinite(sum(values))
+        ):
+            return np.array(values, dtype=np.float64).astype(np.float32)
         with np.errstate(over="ignore"):  # overflow to inf is caught just below
             row = np.asarray(values, dtype=np.float64).astype(np.float32)
         if not np.isfinite(row).all():
@@ -76,6 +85,15 @@ class ModelSchema:
                 details={"feature": bad},
             )
         return row
+
+    def _check_types(self, values: Sequence[Any]) -> None:
+        for name, v in zip(self.features, values, strict=True):
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ValidationFailed(
+                    f"feature {name!r} must be a number, got {type(v).__name__}",
+                    code="invalid_feature_type",
+                    details={"feature": name},
+                )
 
 
 class ModelCatalog:

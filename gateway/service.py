@@ -90,6 +90,7 @@ class _Planned:
     target: Target
     arm: str
     row: np.ndarray
+    input_hash: str  # cache key of the response cache and field of the prediction log
 
 
 class InferenceService:
@@ -176,7 +177,8 @@ class InferenceService:
         schema = self.catalog.schema(target.model, target.version)
         # Inline features need no await: a coroutine per request costs more than the step.
         features = await self._features(req, deadline) if req.feature_refs else req.features
-        return _Planned(req, route, target, arm, schema.vectorize(features))
+        row = schema.vectorize(features)
+        return _Planned(req, route, target, arm, row, input_hash(target, row))
 
     async def _answer(
         self, target: Target, group: list[_Planned], deadline: Deadline
@@ -197,7 +199,7 @@ class InferenceService:
             return [self._prediction(p, resp, j) for j, p in enumerate(group)]
 
         route = group[0].route
-        keys = [input_hash(target, p.row) for p in group]
+        keys = [p.input_hash for p in group]
         # Off for most routes: then no coroutine is built and awaited only to answer None.
         hits = (
             await ladder.cached_responses(route, keys, deadline)
@@ -209,7 +211,7 @@ class InferenceService:
                 self._cached_prediction(p, hit, None) for p, hit in zip(group, hits, strict=True)
             ]
         reason = ladder.skip_reason(route, target, deadline)
-        error: SwitchyardError = DeadlineExceeded("no time left for the primary")
+        error: SwitchyardError | None = None  # built only when needed: the happy path raises none
         if reason is None:
             started = self.clock()
             try:
@@ -230,6 +232,8 @@ class InferenceService:
                 return preds
         rescue = await ladder.rescue(route, rows, keys, request_id, deadline, reason)
         if rescue is None:
+            if error is None:  # the primary was skipped (deadline or latency trigger)
+                error = DeadlineExceeded("no time left for the primary")
             self._count_failure(group, error)
             raise error
         if rescue.response is not None:
@@ -364,7 +368,7 @@ class InferenceService:
             "version": pred.model_version,
             "policy_version": pred.policy_version,
             "arm": pred.arm,
-            "input_hash": input_hash(p.target, p.row),
+            "input_hash": p.input_hash,
             "output": {"score": pred.score, "decision": pred.decision,
                        "confidence": pred.confidence},
             "fallback_used": pred.fallback_used,
