@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from gateway.backends.base import InferRequest
 from gateway.errors import ModelNotFound, ValidationFailed, VersionNotFound
+from gateway.tensors import Tensor
 
 _PLAIN_NUMBERS = frozenset({int, float})  # exact types: bool (an int subclass) is not one
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -30,6 +32,16 @@ class ModelSchema:
     features: tuple[str, ...]
     outputs: tuple[str, ...]
     probe: Mapping[str, Any] | None = None
+
+    def infer_request(self, rows: np.ndarray, request_id: str) -> InferRequest:
+        """The backend request for validated rows (shape (n, len(features))) of this version."""
+        return InferRequest(
+            model=self.model,
+            version=self.version,
+            inputs=(Tensor(self.tensor, self.datatype, rows),),
+            outputs=self.outputs,
+            request_id=request_id,
+        )
 
     def vectorize(self, features: Any) -> np.ndarray:
         """Features by name (a mapping) or in schema order (a list) -> a float32 row."""

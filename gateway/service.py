@@ -27,7 +27,6 @@ from gateway.resilience.deadline import Deadline
 from gateway.resilience.fallback import FallbackLadder, reason_for
 from gateway.routing.shadow import Primary, ShadowDispatcher
 from gateway.routing.table import Route, RouteTableRef, Target
-from gateway.tensors import Tensor
 
 log = structlog.get_logger(__name__)
 
@@ -317,13 +316,7 @@ class InferenceService:
     async def _infer_rows(
         self, schema: ModelSchema, rows: np.ndarray, request_id: str, deadline: Deadline
     ) -> InferResponse:
-        request = InferRequest(
-            model=schema.model,
-            version=schema.version,
-            inputs=(Tensor(schema.tensor, schema.datatype, rows),),
-            outputs=schema.outputs,
-            request_id=request_id,
-        )
+        request = schema.infer_request(rows, request_id)
         return await self.backend.infer(request, deadline.check("backend call"))
 
     def _prediction(self, p: _Planned, resp: InferResponse, row: int) -> Prediction:

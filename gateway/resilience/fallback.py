@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from gateway.backends.base import Backend, InferRequest, InferResponse
+from gateway.backends.base import Backend, InferResponse
 from gateway.catalog import ModelCatalog
 from gateway.clock import Clock, monotonic
 from gateway.errors import (
@@ -39,7 +39,6 @@ from gateway.resilience.breaker import CircuitOpen
 from gateway.resilience.cache import CachedAnswer, PredictionCache
 from gateway.resilience.deadline import Deadline
 from gateway.routing.table import Route, Target
-from gateway.tensors import Tensor
 
 log = structlog.get_logger(__name__)
 
@@ -241,13 +240,7 @@ class FallbackLadder:
             if rows.shape[1] != len(schema.features):
                 log.warning("fallback_schema_mismatch", target=str(target))
                 return None
-            request = InferRequest(
-                model=schema.model,
-                version=schema.version,
-                inputs=(Tensor(schema.tensor, schema.datatype, rows),),
-                outputs=schema.outputs,
-                request_id=request_id,
-            )
+            request = schema.infer_request(rows, request_id)
             resp = await self.backend.infer(request, deadline.check("fallback model"))
         except SwitchyardError as exc:
             log.info("fallback_model_failed", target=str(target), error=exc.code)

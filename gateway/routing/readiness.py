@@ -20,11 +20,10 @@ from typing import Any
 import numpy as np
 import structlog
 
-from gateway.backends.base import Backend, InferRequest, ModelControl
+from gateway.backends.base import Backend, ModelControl
 from gateway.catalog import ModelCatalog
 from gateway.errors import SwitchyardError
 from gateway.routing.table import RouteError, RouteTable, Target
-from gateway.tensors import Tensor
 
 log = structlog.get_logger(__name__)
 
@@ -103,13 +102,7 @@ class VersionGate:
             log.warning("version_without_probe", target=str(target))
             return
         row = schema.vectorize(list(probe["features"])).reshape(1, -1)
-        request = InferRequest(
-            model=target.model,
-            version=target.version,
-            inputs=(Tensor(schema.tensor, schema.datatype, row),),
-            outputs=schema.outputs,
-            request_id=f"probe-{target}",
-        )
+        request = schema.infer_request(row, f"probe-{target}")
         try:
             resp = await self.backend.infer(request, self.control_timeout_s)
         except SwitchyardError as exc:

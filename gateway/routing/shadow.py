@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 import structlog
 
-from gateway.backends.base import Backend, InferRequest
+from gateway.backends.base import Backend
 from gateway.catalog import ModelCatalog
 from gateway.errors import SwitchyardError
 from gateway.metrics import Metrics
 from gateway.routing.table import Shadow, Target
-from gateway.tensors import Tensor
 
 log = structlog.get_logger(__name__)
 
@@ -139,13 +138,7 @@ class ShadowDispatcher:
             if same.features == schema.features
             else (schema.vectorize(primary.features))
         )
-        request = InferRequest(
-            model=target.model,
-            version=target.version,
-            inputs=(Tensor(schema.tensor, schema.datatype, row.reshape(1, -1)),),
-            outputs=schema.outputs,
-            request_id=f"shadow-{primary.request_id}",
-        )
+        request = schema.infer_request(row.reshape(1, -1), f"shadow-{primary.request_id}")
         resp = await self.backend.infer(request, self.timeout_s)
         out: dict[str, Any] = {}
         for name, t in resp.outputs.items():
