@@ -61,6 +61,9 @@ class Prediction:
     latency_ms: float = 0.0
     fallback_used: str | None = None
     explanations_ref: str | None = None
+    #: The Triton model that produced the answer (the fallback model's name when it did;
+    #: "default" for the route's static default). Logged, not returned.
+    served_by: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -262,6 +265,7 @@ class InferenceService:
             outputs=dict(answer.get("outputs") or {}),
             arm=p.arm,
             fallback_used=rung,
+            served_by="default" if rung == "default" else p.target.model,
         )
 
     def _after_answer(self, planned: list[_Planned], preds: list[Prediction]) -> None:
@@ -338,6 +342,7 @@ class InferenceService:
             confidence=scalars.get("confidence"),
             outputs=values,
             arm=p.arm,
+            served_by=resp.model or p.target.model,
         )
 
     def _record(self, p: _Planned, pred: Prediction) -> None:
@@ -357,7 +362,7 @@ class InferenceService:
             "request_id": pred.request_id,
             "entity_id": p.request.entity_id,
             "model": pred.model_name,
-            "target": p.target.model,
+            "target": pred.served_by or p.target.model,
             "version": pred.model_version,
             "policy_version": pred.policy_version,
             "arm": pred.arm,

@@ -130,6 +130,7 @@ async def test_ladder_order_model_then_cache_then_default(
     assert body["model_version"] == "1" and body["score"] == pytest.approx(0.25)
     assert sink.entries[-1]["version"] == "1"
     assert sink.entries[-1]["fallback_used"] == "fallback_model"
+    assert sink.entries[-1]["target"] == "toy_small"  # the log names the model that answered
 
     # (b) the fallback model down too: the last answer for the same input, with its version
     small.fail_with = BackendUnavailable("connection refused")
@@ -137,6 +138,7 @@ async def test_ladder_order_model_then_cache_then_default(
     assert status == 200, body
     assert body["fallback_used"] == "cache"
     assert body["model_version"] == "2" and body["score"] == pytest.approx(ok["score"])
+    assert sink.entries[-1]["target"] == "toy"
 
     # (c) an input never answered before: the route's static default
     status, body = await predict(client, [0, 0, 1])
@@ -145,6 +147,7 @@ async def test_ladder_order_model_then_cache_then_default(
     assert body["score"] == 0.5 and body["decision"] == "review"
     assert body["model_version"] == "default"
     assert sink.entries[-1]["fallback_used"] == "default"
+    assert sink.entries[-1]["target"] == "default"
     total = sum(
         fallback_count(client, rung, reason)
         for rung in ("fallback_model", "cache", "default")
