@@ -1,0 +1,89 @@
+"""`python -m gateway promote <model>`: run the canary controller once or in a loop.
+
+Registered by `gateway.__main__`; gateway modules load inside the handler to keep the CLI
+light. Exit codes: 0 evaluated (whatever the verdict), 1 the route or Redis failed, 2 bad
+settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_promote_parser(sub: Any) -> None:
+    p = sub.add_parser("promote", help="metric-gated canary promotion of a route's challenger")
+    p.add_argument("model", help="public model name (the route's `model`)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="one evaluation, then exit (default)")
+    mode.add_argument(
+        "--interval", type=float, default=None, help="evaluate every N seconds until Ctrl-C"
+    )
+    p.add_argument("--dry-run", action="store_true", help="decide and record, never edit")
+    p.add_argument("--config", type=Path, default=Path("configs/gateway.yaml"))
+    p.add_argument("--redis-url", default=None, help="override redis.url")
+    p.add_argument("--routes-dir", type=Path, default=None, help="override routing.routes_dir")
+    p.set_defaults(handler=cmd_promote)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from gateway.catalog import ModelCatalog
+    from gateway.config import ConfigError, load_settings
+    from gateway.errors import SwitchyardError
+    from gateway.log import configure_logging
+    from gateway.observability import redis_client
+    from gateway.predlog.feedback import LabelStore
+    from gateway.rollout.controller import RolloutController, RolloutError
+    from gateway.routing.table import RouteError
+
+    try:
+        settings = load_settings(args.config if args.config.exists() else None,
+                                 redis_url=args.redis_url)  # fmt: skip
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not settings.redis.url:
+        print("error: redis.url is empty; the prediction log is read from Redis", file=sys.stderr)
+        return 2
+    configure_logging(settings.log.level, json=settings.log.json)
+    repo = settings.routing.model_repository
+
+    async def run() -> int:
+        client = redis_client(settings)
+        assert client is not None
+        fb = settings.feedback
+        controller = RolloutController(
+            client,
+            LabelStore(client, fb.label_prefix, fb.label_ttl_s),
+            routes_dir=args.routes_dir or settings.routing.routes_dir,
+            policy=settings.rollout.policy,
+            record_dir=settings.rollout.record_dir,
+            stream_prefix=settings.predlog.stream_prefix,
+            catalog=ModelCatalog.load(repo) if repo.is_dir() else None,
+            dry_run=args.dry_run,
+        )
+        try:
+            if args.interval is not None:
+                await controller.run(args.model, args.interval)
+                return 0
+            ev = await controller.evaluate_once(args.model)
+        finally:
+            await client.aclose()
+        # the full record is in the log line above and in the record file
+        state = "dry run" if ev.dry_run else ("applied" if ev.applied else "unchanged")
+        print(f"{ev.model}: {ev.verdict.action} {ev.from_weight:g} -> {ev.to_weight:g} % ({state})")
+        for reason in ev.verdict.reasons:
+            print(f"  {reason}")
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except (RolloutError, RouteError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except SwitchyardError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
