@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.predlog.commands import add_parsers as add_data_parsers
 
     add_data_parsers(sub)  # labels join, features load
+    from gateway.rollout.cli import add_promote_parser
+
+    add_promote_parser(sub)  # promote <model>: the metric-gated canary controller
     return parser
 
 

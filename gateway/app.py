@@ -68,6 +68,7 @@ def build_app(
         control_timeout_s=settings.triton.control_timeout_s,
         clock=clock,
         shadow=shadow,
+        batching=settings.batching,
     )
     res = settings.resilience
     cache = PredictionCache(
@@ -109,6 +110,8 @@ def build_app(
 
     async def backend_ctx(_: web.Application) -> AsyncIterator[None]:
         yield
+        if service.coalescer is not None:
+            await service.coalescer.close()
         await backend.close()
 
     async def routing_ctx(_: web.Application) -> AsyncIterator[None]:

@@ -17,10 +17,12 @@ from typing import Any
 
 import yaml
 
+from gateway.batching import BatchingPolicy
 from gateway.resilience.admission import AdmissionLimits
 from gateway.resilience.breaker import BreakerPolicy
 from gateway.resilience.fallback import FallbackPolicy
 from gateway.resilience.retry import RetryPolicy
+from gateway.rollout.analysis import PromotionPolicy
 
 ENV_PREFIX = "SWITCHYARD__"
 
@@ -120,6 +122,9 @@ class PredlogSettings:
     dedupe_ttl_s: int = 86_400
     retry_interval_s: float = 1.0
     segment_bytes: int = 16 << 20
+    #: With Redis, the spool is a write-ahead log: a segment this old is sealed, then deleted
+    #: once all its entries are confirmed in Redis.
+    segment_max_age_s: float = 1.0
     #: Share of entries that carry the full (redacted) input payload.
     sample_rate: float = 0.0
     #: Key for hashing redacted fields, so low-entropy ids cannot be looked up by brute force.
@@ -146,6 +151,17 @@ class FeedbackSettings:
 
 
 @dataclass(frozen=True)
+class RolloutSettings:
+    """The metric-gated canary controller (`python -m gateway promote`, gateway/rollout)."""
+
+    policy: PromotionPolicy = field(default_factory=PromotionPolicy)
+    #: Seconds between evaluations in loop mode.
+    interval_s: float = 60.0
+    #: Decision records: <record_dir>/<model>.jsonl, one JSON line per evaluation.
+    record_dir: Path = Path("var/rollout")
+
+
+@dataclass(frozen=True)
 class TelemetrySettings:
     #: Scrape Triton's metrics endpoint for batch fill and queue time; 0 disables it.
     triton_scrape_interval_s: float = 5.0
@@ -167,8 +183,11 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     features: FeaturesSettings = field(default_factory=FeaturesSettings)
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
+    #: Coalescing of concurrent single-row calls per target (gateway/batching.py).
+    batching: BatchingPolicy = field(default_factory=BatchingPolicy)
     log: LogSettings = field(default_factory=LogSettings)
 
     def resolve_paths(self, base: Path) -> Settings:

@@ -105,7 +105,14 @@ def build_observability(
     client = redis_client(settings)
     writer = StreamWriter(client, p.stream_prefix, p.maxlen, p.dedupe_ttl_s) if client else None
     predlog = PredictionLog(
-        spool=Spool(p.spool_dir, p.fsync, p.segment_bytes),
+        # With Redis the spool is a write-ahead log rotated by age too, so confirmed segments
+        # go within about segment_max_age_s; without it, the segments are the log.
+        spool=Spool(
+            p.spool_dir,
+            p.fsync,
+            p.segment_bytes,
+            max_age_s=p.segment_max_age_s if writer is not None else 0.0,
+        ),
         metrics=metrics,
         writer=writer,
         buffer_size=p.buffer_size,

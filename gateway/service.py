@@ -17,6 +17,7 @@ import numpy as np
 import structlog
 
 from gateway.backends.base import Backend, InferRequest, InferResponse
+from gateway.batching import BatchingPolicy, Coalescer
 from gateway.catalog import ModelCatalog, ModelSchema
 from gateway.clock import Clock, monotonic
 from gateway.errors import ClientError, DeadlineExceeded, NotReady, SwitchyardError
@@ -114,6 +115,7 @@ class InferenceService:
         rng: random.Random | None = None,
         shadow: ShadowDispatcher | None = None,
         fallback: FallbackLadder | None = None,
+        batching: BatchingPolicy | None = None,
     ) -> None:
         self.routes = routes
         self.catalog = catalog
@@ -130,6 +132,10 @@ class InferenceService:
         self.rng = rng or random.Random()  # random splits; tests inject a seeded one
         self.shadow = shadow
         self.fallback = fallback  # None: no ladder, primary errors reach the caller
+        #: Merges concurrent single-row calls per target under load (gateway/batching.py).
+        self.coalescer = (
+            Coalescer(batching, self._call_rows) if batching and batching.enabled else None
+        )
         #: Requests per (model, arm) since start, for GET /admin/routes.
         self.arm_counts: Counter[tuple[str, str]] = Counter()
         #: Metric children of successful answers per (model, version, arm), built once.
@@ -194,11 +200,11 @@ class InferenceService:
         ladder = self.fallback
         if ladder is None:
             try:
-                resp = await self._infer_rows(schema, rows, request_id, deadline)
+                resp, base = await self._infer_rows(schema, rows, request_id, deadline)
             except SwitchyardError as exc:
                 self._count_failure(group, exc)
                 raise
-            return [self._prediction(p, resp, j) for j, p in enumerate(group)]
+            return [self._prediction(p, resp, base + j) for j, p in enumerate(group)]
 
         route = group[0].route
         keys = [p.input_hash for p in group]
@@ -218,7 +224,7 @@ class InferenceService:
             started = self.clock()
             try:
                 primary_deadline = ladder.primary_deadline(route, deadline)
-                resp = await self._infer_rows(schema, rows, request_id, primary_deadline)
+                resp, base = await self._infer_rows(schema, rows, request_id, primary_deadline)
             except SwitchyardError as exc:
                 if isinstance(exc, DeadlineExceeded):
                     ladder.observe(target, self.clock() - started)
@@ -229,7 +235,7 @@ class InferenceService:
                 error = exc
             else:
                 ladder.observe(target, self.clock() - started)
-                preds = [self._prediction(p, resp, j) for j, p in enumerate(group)]
+                preds = [self._prediction(p, resp, base + j) for j, p in enumerate(group)]
                 ladder.remember(route, keys, [_cacheable(pred) for pred in preds])
                 return preds
         rescue = await ladder.rescue(route, rows, keys, request_id, deadline, reason)
@@ -318,6 +324,15 @@ class InferenceService:
         return preds
 
     async def _infer_rows(
+        self, schema: ModelSchema, rows: np.ndarray, request_id: str, deadline: Deadline
+    ) -> tuple[InferResponse, int]:
+        """The response holding ``rows`` and the index of the first of them in it (not 0
+        when the coalescer merged this call with others for the same target)."""
+        if self.coalescer is not None:
+            return await self.coalescer.infer_rows(schema, rows, request_id, deadline)
+        return await self._call_rows(schema, rows, request_id, deadline), 0
+
+    async def _call_rows(
         self, schema: ModelSchema, rows: np.ndarray, request_id: str, deadline: Deadline
     ) -> InferResponse:
         request = schema.infer_request(rows, request_id)

@@ -9,25 +9,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 Entry = dict[str, Any]
+T = TypeVar("T")
 
 
-class EntryBuffer:
+class EntryBuffer(Generic[T]):
     def __init__(self, capacity: int, batch_size: int) -> None:
         if capacity < 1 or batch_size < 1:
             raise ValueError("capacity and batch_size must be at least 1")
         self.capacity = capacity
         self.batch_size = batch_size
-        self._items: deque[Entry] = deque()
+        self._items: deque[T] = deque()
         self._nonempty = asyncio.Event()
         self._full_batch = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def offer(self, entry: Entry) -> bool:
+    def offer(self, entry: T) -> bool:
         if len(self._items) >= self.capacity:
             return False
         self._items.append(entry)
@@ -36,7 +37,7 @@ class EntryBuffer:
             self._full_batch.set()
         return True
 
-    def take_nowait(self, limit: int | None = None) -> list[Entry]:
+    def take_nowait(self, limit: int | None = None) -> list[T]:
         n = min(len(self._items), limit or len(self._items))
         batch = [self._items.popleft() for _ in range(n)]
         if not self._items:
@@ -45,7 +46,7 @@ class EntryBuffer:
             self._full_batch.clear()
         return batch
 
-    async def take(self, idle_s: float, flush_interval_s: float) -> list[Entry]:
+    async def take(self, idle_s: float, flush_interval_s: float) -> list[T]:
         """Up to one batch: waits at most `idle_s` for a first entry, then at most
         `flush_interval_s` for the batch to fill. Empty when nothing came."""
         if not self._items:

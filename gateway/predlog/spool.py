@@ -1,14 +1,20 @@
-"""The on-disk prediction log: append-only JSONL segments.
+"""The on-disk prediction log: append-only JSONL segments, written ahead of everything else.
 
-It holds the log while Redis is unreachable (or not configured, when it is the log itself)
-and whatever the in-process buffer could not take. Appends go to Python's file buffer, so the
-request path never waits on the disk; `sync` flushes (and fsyncs, when configured) from the
-writer task.
+Every entry is appended here first, with one unbuffered `os.write` on an O_APPEND descriptor
+(a few microseconds: the bytes land in the OS page cache), so it survives a crash of the
+process however abrupt (SIGKILL, OOM kill, segfault) as soon as `record` returns. With
+`fsync` the writer task also fsyncs the active segment after each batch, which bounds what a
+machine crash can take to about one flush interval.
 
-Several gateway workers may share one directory. Each process writes its own segment
-(`predictions-<time_ns>-<pid>.jsonl`) and holds an exclusive `flock` on it while it is
-active; a replayer claims a segment with a non-blocking `flock`, so it never reads a segment
-that is still being written, and a dead worker's segment becomes claimable at once.
+With Redis configured a segment is a write-ahead log: it is rotated by size or age and, once
+sealed and every entry of it is settled, either deleted (all confirmed in Redis) or released
+(its lock dropped) for the replayer, which re-sends it whole; the stream writer's dedupe makes
+re-sending exactly-once. Without Redis the segments are the log itself and are never deleted.
+
+Several gateway workers may share one directory. Each process writes its own segments
+(`predictions-<time_ns>-<pid>-<seq>.jsonl`) and holds an exclusive `flock` on each until it is
+settled; a replayer claims a segment with a non-blocking `flock`, so it never reads a segment
+that is still being written or awaited, and a dead process's segments are claimable at once.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 import structlog
@@ -27,53 +34,159 @@ import structlog
 log = structlog.get_logger(__name__)
 
 PATTERN = "predictions-*.jsonl"
+_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
+
+
+@dataclass(eq=False)
+class Segment:
+    """One file this process wrote, with the bookkeeping that says when it may go."""
+
+    path: Path
+    fd: int
+    opened_at: float
+    size: int = 0
+    synced: int = 0
+    #: Entries appended.
+    written: int = 0
+    #: Entries handed to the in-memory fast path and not yet settled (confirmed or failed).
+    inflight: int = 0
+    #: Entries confirmed in Redis; `written == acked` lets the segment be deleted.
+    acked: int = 0
+    sealed: bool = False
+
+
+def encode(entry: dict[str, Any]) -> bytes:
+    return orjson.dumps(entry, option=_OPTS, default=str)
 
 
 class Spool:
-    def __init__(self, directory: Path, fsync: bool = False, segment_bytes: int = 16 << 20):
+    def __init__(
+        self,
+        directory: Path,
+        fsync: bool = False,
+        segment_bytes: int = 16 << 20,
+        max_age_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.directory = directory
         self.fsync = fsync
         self.segment_bytes = segment_bytes
-        self._file: IO[bytes] | None = None
+        #: Rotate the active segment once it is this old (0: by size only).
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self._active: Segment | None = None
+        #: Sealed segments still locked: awaiting in-flight entries.
+        self._sealed: list[Segment] = []
         self._seq = 0
-        #: Entries this process appended and has not seen replayed (an estimate for the lag).
+        #: Entries waiting for a replay (an estimate for the lag).
         self.pending = 0
+        #: Segments unlocked for a replay so far (the writer replays when this grows).
+        self.released = 0
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def append(self, entries: list[dict[str, Any]]) -> None:
-        """Buffered append to this process's active segment; raises OSError if unwritable."""
+    # -- appending (request path) -----------------------------------------------------------
+    def append_one(self, entry: dict[str, Any]) -> Segment:
+        """One entry, one `os.write`; raises OSError if unwritable. Returns its segment."""
+        return self._write(encode(entry), 1)
+
+    def append(self, entries: list[dict[str, Any]]) -> Segment | None:
+        """Several entries in one `os.write` (tools and tests)."""
         if not entries:
-            return
-        data = b"".join(
-            orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY, default=str) + b"\n" for e in entries
-        )
-        f = self._active()
-        f.write(data)
-        self.pending += len(entries)
+            return None
+        return self._write(b"".join(encode(e) for e in entries), len(entries))
+
+    def _write(self, data: bytes, n: int) -> Segment:
+        # Rotation, fsync and unlinking happen in `sync`, off the request path.
+        seg = self._active or self._open_segment()
+        view = memoryview(data)
+        try:
+            while view:  # a regular file takes it whole unless the disk is full
+                view = view[os.write(seg.fd, view) :]
+        except OSError:
+            if len(view) < len(data):  # a torn line: later entries go to a fresh segment
+                seg.size += len(data) - len(view)
+                self._retire(seg)
+            raise
+        seg.size += len(data)
+        seg.written += n
+        return seg
+
+    def _open_segment(self) -> Segment:
+        self._seq += 1
+        name = f"predictions-{time.time_ns():020d}-{os.getpid()}-{self._seq}.jsonl"
+        path = self.directory / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        self._active = Segment(path, fd, self.clock())
+        return self._active
+
+    # -- upkeep (writer task) ---------------------------------------------------------------
+    @property
+    def active(self) -> Segment | None:
+        return self._active
 
     def sync(self) -> None:
-        """Push appended entries to the OS (and the disk, with fsync); rotate a full segment."""
-        if self._file is None:
+        """fsync the active segment when configured; rotate it when big or old enough."""
+        seg = self._active
+        if seg is None:
             return
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
-        if self._file.tell() >= self.segment_bytes:
+        if self.fsync and seg.synced < seg.size:
+            os.fsync(seg.fd)
+            seg.synced = seg.size
+        if seg.size >= self.segment_bytes or (
+            self.max_age_s > 0 and self.clock() - seg.opened_at >= self.max_age_s
+        ):
             self.seal()
 
     def seal(self) -> None:
-        """Close the active segment; the next append starts a new one. Releases its lock."""
-        if self._file is not None:
-            self._file.flush()
-            if self.fsync:
-                os.fsync(self._file.fileno())
-            self._file.close()  # closing releases the flock
-            self._file = None
+        """End the active segment; the next append starts a new one. It keeps its lock until
+        `collect` settles it."""
+        seg = self._active
+        if seg is None:
+            return
+        if self.fsync and seg.synced < seg.size:
+            os.fsync(seg.fd)
+            seg.synced = seg.size
+        self._retire(seg)
+        self.collect()
 
-    close = seal
+    def _retire(self, seg: Segment) -> None:
+        self._active = None
+        seg.sealed = True
+        self._sealed.append(seg)
 
+    def collect(self) -> int:
+        """Settle sealed segments with nothing in flight: delete those all confirmed, unlock
+        the rest for the replayer. Returns how many were unlocked for a replay."""
+        released = 0
+        keep = []
+        for seg in self._sealed:
+            if seg.inflight > 0:
+                keep.append(seg)
+                continue
+            if seg.acked >= seg.written:
+                seg.path.unlink(missing_ok=True)  # before the lock goes: nobody replays it
+            else:
+                released += 1
+            os.close(seg.fd)  # closing releases the flock
+        self._sealed = keep
+        self.released += released
+        return released
+
+    def close(self) -> None:
+        """Seal and unlock everything; what is not confirmed stays on disk for a replay."""
+        self.seal()
+        for seg in self._sealed:
+            os.close(seg.fd)
+        self._sealed = []
+
+    # -- replaying ---------------------------------------------------------------------------
     def segments(self) -> list[Path]:
         return sorted(self.directory.glob(PATTERN))
 
@@ -100,17 +213,7 @@ class Spool:
 
     def read_all(self) -> list[dict[str, Any]]:
         """Every entry in the directory (tests and tools; ignores locks)."""
-        self.sync()
         return [e for p in self.segments() for e in _parse(p.read_bytes(), p)]
-
-    def _active(self) -> IO[bytes]:
-        if self._file is None:
-            self._seq += 1
-            name = f"predictions-{time.time_ns():020d}-{os.getpid()}-{self._seq}.jsonl"
-            f = (self.directory / name).open("ab")
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self._file = f
-        return self._file
 
 
 def _parse(data: bytes, path: Path) -> Iterator[dict[str, Any]]:

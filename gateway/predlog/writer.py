@@ -1,21 +1,27 @@
 """PredictionLog: the sink the request path records into, and the task that empties it.
 
-    record() -> EntryBuffer --(batch full or flush interval)--> StreamWriter (Redis)
-                    | full                                        | unreachable
-                    v                                             v
-                  Spool (JSONL segments) <------------------------+
-                    '--(Redis healthy again: replay, idempotent)--> StreamWriter
+    record() --1. os.write--> Spool segment (write-ahead: survives a process crash at once)
+             --2. enqueue---> EntryBuffer --(batch full or flush interval)--> StreamWriter
+                                                                            (Redis)
+    segment sealed (size/age) and settled: all confirmed -> deleted
+                                           else (Redis down, buffer full) -> replayed
 
-`record` never waits. Without Redis configured the spool is the log itself. While Redis is
-down, batches go to the spool and a probe runs every `retry_interval_s`; once it answers, the
-spool is replayed (claimed segment by segment, removed only after its entries are in Redis;
-the writer's dedupe makes a replay after a crash exactly-once). `close` drains everything.
+`record` never waits on the network: one unbuffered append to the page cache (a few µs) and
+an in-memory enqueue. Without Redis configured the spool is the log itself. While Redis is
+down, batches are not retried from memory: their entries already sit in the spool, and a
+probe runs every `retry_interval_s`; once it answers, the unlocked segments are replayed
+(claimed one by one, removed only after all their entries are in Redis). On start the segments
+of a process that died (SIGKILL, OOM) are replayed the same way; the writer's per-request_id
+dedupe makes every replay, even of entries that had reached Redis, exactly-once. `close`
+drains the buffer and unlocks whatever is not confirmed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -25,9 +31,13 @@ from gateway.errors import StreamUnavailable
 from gateway.metrics import Metrics
 from gateway.predlog.buffer import Entry, EntryBuffer
 from gateway.predlog.redis_stream import StreamWriter
-from gateway.predlog.spool import Spool
+from gateway.predlog.spool import Segment, Spool
 
 log = structlog.get_logger(__name__)
+
+#: An entry on its way to Redis, with the spool segment that holds it (None: the spool was
+#: unwritable, so memory is its only copy).
+Pending = tuple[Segment | None, Entry]
 
 
 class PredictionLog:
@@ -46,21 +56,55 @@ class PredictionLog:
         self.spool = spool
         self.writer = writer
         self.metrics = metrics
-        self.buffer = EntryBuffer(buffer_size, batch_size)
+        self.buffer: EntryBuffer[Pending] = EntryBuffer(buffer_size, batch_size)
         self.flush_interval_s = flush_interval_s
         self.retry_interval_s = retry_interval_s
         self.clock = clock
         self.healthy = writer is not None
         self._next_probe = 0.0
         self._replay_needed = writer is not None  # a previous run may have left segments
+        self._released_seen = 0
+        self._spool_broken = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # Label lookups once, not per entry (they lock and validate).
+        self._to_spool_count = metrics.predlog_entries.labels(sink="spool")
+        self._buffer_full = metrics.predlog_spooled.labels(reason="buffer_full")
+        self._no_redis = metrics.predlog_spooled.labels(reason="no_redis")
+        self._spool_error = metrics.predlog_dropped.labels(reason="spool_error")
 
     # -- request path ------------------------------------------------------------------------
     def record(self, entry: Entry) -> None:
-        if self.buffer.offer(entry):
+        seg = self._append(entry)
+        if self.writer is None:  # the spool is the log itself
+            if seg is None:
+                self._spool_error.inc()
+                return
+            self._to_spool_count.inc()
+            self._no_redis.inc()
             return
-        self._to_spool([entry], "buffer_full")
+        if self.buffer.offer((seg, entry)):
+            if seg is not None:
+                seg.inflight += 1
+            return
+        if seg is None:
+            self._spool_error.inc()
+            return
+        self.spool.pending += 1  # on disk only: its segment is replayed once sealed
+        self._buffer_full.inc()
+
+    def _append(self, entry: Entry) -> Segment | None:
+        try:
+            seg = self.spool.append_one(entry)
+        except OSError as exc:
+            if not self._spool_broken:
+                self._spool_broken = True
+                log.error("predlog_spool_failed", error=str(exc))
+            return None
+        if self._spool_broken:
+            self._spool_broken = False
+            log.info("predlog_spool_back")
+        return seg
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -68,7 +112,7 @@ class PredictionLog:
         self._task = asyncio.create_task(self._run(), name="predlog-writer")
 
     async def close(self) -> None:
-        """Stop the writer and put every buffered entry somewhere durable."""
+        """Stop the writer, drain the buffer to Redis; unconfirmed entries stay spooled."""
         self._closing = True
         if self._task is not None:
             self._task.cancel()
@@ -77,8 +121,10 @@ class PredictionLog:
             self._task = None
         while len(self.buffer):
             await self._flush(self.buffer.take_nowait(self.buffer.batch_size))
-        self._sync()
-        self.spool.close()
+        try:
+            self.spool.close()
+        except OSError as exc:
+            log.error("predlog_spool_close_failed", error=str(exc))
         self._update_lag()
 
     def lag(self) -> int:
@@ -87,12 +133,13 @@ class PredictionLog:
 
     # -- writer task -------------------------------------------------------------------------
     async def _run(self) -> None:
+        # Without Redis nothing is buffered: wake up anyway to fsync and rotate.
+        idle = self.retry_interval_s if self.writer is not None else self.flush_interval_s or 0.05
         while True:
             try:
-                idle = self.retry_interval_s if self.writer is not None else 1.0
                 batch = await self.buffer.take(idle, self.flush_interval_s)
                 await self._flush(batch)
-                self._sync()
+                await self._sync()
                 if self.writer is not None:
                     await self._maybe_recover()
                 self._update_lag()
@@ -102,24 +149,41 @@ class PredictionLog:
                 log.exception("predlog_writer_error")
                 await asyncio.sleep(self.retry_interval_s)
 
-    async def _flush(self, batch: list[Entry]) -> None:
+    async def _flush(self, batch: list[Pending]) -> None:
         if not batch:
             return
-        if self.writer is None:
-            self._to_spool(batch, "no_redis")
-            return
-        if not self.healthy:
-            self._to_spool(batch, "redis_down")
-            return
-        try:
-            added = await self.writer.write(batch)
-        except StreamUnavailable as exc:
-            self._mark_down(exc)
-            self._to_spool(batch, "redis_down")
-            return
-        self.metrics.predlog_entries.labels(sink="redis").inc(added)
-        if added < len(batch):
-            self.metrics.predlog_dropped.labels(reason="duplicate").inc(len(batch) - added)
+        assert self.writer is not None, "nothing is buffered without Redis"
+        if self.healthy:
+            try:
+                added = await self.writer.write([e for _, e in batch])
+            except StreamUnavailable as exc:
+                self._mark_down(exc)
+            except Exception:  # a bug, say: the entries stay spooled for a later replay
+                self._settle(batch, confirmed=False)
+                raise
+            else:
+                self.metrics.predlog_entries.labels(sink="redis").inc(added)
+                if added < len(batch):
+                    self.metrics.predlog_dropped.labels(reason="duplicate").inc(len(batch) - added)
+                self._settle(batch, confirmed=True)
+                return
+        self._settle(batch, confirmed=False)
+        spooled = sum(1 for seg, _ in batch if seg is not None)
+        self.metrics.predlog_spooled.labels(reason="redis_down").inc(spooled)
+        if spooled < len(batch):
+            self._spool_error.inc(len(batch) - spooled)
+
+    def _settle(self, batch: list[Pending], confirmed: bool) -> None:
+        """Count the batch against its segments; sealed ones with nothing in flight go."""
+        for seg, _ in batch:
+            if seg is None:
+                continue
+            seg.inflight -= 1
+            if confirmed:
+                seg.acked += 1
+            else:
+                self.spool.pending += 1
+        self._collect(self.spool.collect)
 
     async def _maybe_recover(self) -> None:
         assert self.writer is not None
@@ -134,14 +198,17 @@ class PredictionLog:
             self.healthy = True
             self._replay_needed = True
             log.info("predlog_redis_back")
+        if self.spool.released > self._released_seen:
+            self._released_seen = self.spool.released
+            self._replay_needed = True
         if self._replay_needed and not self._closing:
             self._replay_needed = False
             await self.replay()
 
     async def replay(self) -> int:
-        """Move every claimable spool segment into Redis; stops at the first failure."""
+        """Send every claimable spool segment to Redis; stops at the first failure."""
         assert self.writer is not None
-        self.spool.seal()  # our own active segment becomes replayable too
+        self._collect(self.spool.seal)  # our own active segment settles and becomes replayable
         total = 0
         try:
             for path in self.spool.segments():
@@ -175,22 +242,22 @@ class PredictionLog:
         self.healthy = False
         self._next_probe = self.clock() + self.retry_interval_s
 
-    def _to_spool(self, entries: list[Entry], reason: str) -> None:
+    def _collect(self, step: Callable[[], object]) -> None:
         try:
-            self.spool.append(entries)
+            step()
         except OSError as exc:
-            self.metrics.predlog_dropped.labels(reason="spool_error").inc(len(entries))
-            log.error("predlog_spool_failed", error=str(exc), entries=len(entries))
-            return
-        self.metrics.predlog_spooled.labels(reason=reason).inc(len(entries))
-        if self.writer is None:  # the spool is the log itself
-            self.metrics.predlog_entries.labels(sink="spool").inc(len(entries))
+            log.error("predlog_spool_upkeep_failed", error=str(exc))
 
-    def _sync(self) -> None:
-        try:
-            self.spool.sync()
-        except OSError as exc:
-            log.error("predlog_spool_sync_failed", error=str(exc))
+    async def _sync(self) -> None:
+        seg = self.spool.active
+        if self.spool.fsync and seg is not None and seg.synced < seg.size:
+            size = seg.size
+            try:  # in a thread: an fsync takes milliseconds, the event loop serves requests
+                await asyncio.to_thread(os.fsync, seg.fd)
+                seg.synced = size
+            except OSError as exc:
+                log.error("predlog_spool_fsync_failed", error=str(exc))
+        self._collect(self.spool.sync)  # rotation; fsyncs only what came meanwhile
 
     def _update_lag(self) -> None:
         self.metrics.predlog_lag.set(self.lag())

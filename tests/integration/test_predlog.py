@@ -270,6 +270,56 @@ def test_gateway_crash_between_spool_and_replay_is_exactly_once(
     assert sorted(logged) == sorted(ids)
 
 
+@pytest.mark.parametrize("redis_up", [True, False], ids=["redis-up", "redis-down"])
+def test_sigkill_right_after_the_last_answer_loses_nothing(
+    triton: TritonServer,
+    repo_root: Path,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis_up: bool,
+) -> None:
+    """Issue 6's durability target: SIGKILL the gateway the moment the last 200 arrives (no
+    graceful flush; with a long flush interval most entries are still only in memory), restart
+    it, and the stream holds every answered request_id exactly once."""
+    if not redis_up:
+        redis_server.kill()
+    # Slow, big batches: the old in-memory-only buffer would still hold most entries.
+    env = gateway_env(redis_server.url, SWITCHYARD__PREDLOG__FLUSH_INTERVAL_S="0.5",
+                      SWITCHYARD__PREDLOG__BATCH_SIZE="5000")  # fmt: skip
+    gw = start_gateway(repo_root, tmp_path, triton.grpc_url, env)
+    ids = [f"kill-{redis_up}-{i}" for i in range(300)]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda r: predict(gw, r), ids))
+    finally:
+        gw.process.kill()  # SIGKILL straight after the last answer
+        gw.process.wait(10)
+    assert [a["request_id"] for a in answers] == ids
+    if not redis_up:
+        assert stream_entries_or_none(redis_server.url) is None
+        redis_server.start()
+    gw2 = start_gateway(repo_root, tmp_path, triton.grpc_url, env)
+    try:
+
+        def replayed() -> bool:
+            return len(stream_entries(redis_server.url)) >= len(ids) and not spooled(gw2.spool_dir)
+
+        poll(replayed, 20, "the dead gateway's segments were not replayed")
+        metrics = urllib.request.urlopen(f"{gw2.url}/metrics", timeout=5).read().decode()
+    finally:
+        stop_gateway(gw2)
+    logged = [e["request_id"] for e in stream_entries(redis_server.url)]
+    assert sorted(logged) == sorted(ids)  # all answered, each exactly once
+    assert "prediction_log_replayed_total" in metrics
+
+
+def stream_entries_or_none(url: str) -> list[dict] | None:
+    try:
+        return stream_entries(url)
+    except redis.ConnectionError:
+        return None
+
+
 def test_redaction_and_sampling_on_stream_content(
     triton: TritonServer, repo_root: Path, tmp_path: Path, redis_url: str
 ) -> None:

@@ -3,12 +3,14 @@ writer's spool-then-replay path against an in-memory StreamWriter double."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.clock import FakeClock
 from gateway.errors import StreamUnavailable
 from gateway.metrics import Metrics
 from gateway.predlog.buffer import EntryBuffer
@@ -105,19 +107,31 @@ async def test_without_redis_the_spool_is_the_log(tmp_path: Path) -> None:
 
 
 async def test_full_buffer_spills_to_the_spool_without_waiting(tmp_path: Path) -> None:
+    stream = MemoryStream()
     metrics = Metrics()
-    plog = PredictionLog(spool=Spool(tmp_path), metrics=metrics, buffer_size=2, batch_size=2)
+    plog = PredictionLog(
+        spool=Spool(tmp_path),
+        metrics=metrics,
+        writer=stream,
+        buffer_size=2,
+        batch_size=2,  # type: ignore[arg-type]
+    )
     plog.spool.open()  # not started: nothing drains the buffer
     for i in range(5):
         plog.record(entry(i))
-    plog.spool.sync()
     assert len(plog.buffer) == 2
-    assert [e["request_id"] for e in plog.spool.read_all()] == ["r2", "r3", "r4"]
-    plog.spool.close()
+    # Write-ahead: every entry is on disk when record() returns, the overflow only there.
+    assert [e["request_id"] for e in plog.spool.read_all()] == [f"r{i}" for i in range(5)]
     assert (
         metrics.registry.get_sample_value("prediction_log_spooled_total", {"reason": "buffer_full"})
         == 3
     )
+    await plog.close()  # the buffered two reach the stream; the segment stays for a replay
+    assert [e["request_id"] for e in stream.entries] == ["r0", "r1"]
+    assert len(plog.spool.segments()) == 1
+    assert await plog.replay() == 3  # r2..r4; r0 and r1 are deduped
+    assert sorted(e["request_id"] for e in stream.entries) == [f"r{i}" for i in range(5)]
+    assert plog.spool.segments() == []
 
 
 async def test_redis_down_spools_and_replay_is_exactly_once(tmp_path: Path) -> None:
@@ -142,6 +156,68 @@ async def test_redis_down_spools_and_replay_is_exactly_once(tmp_path: Path) -> N
     assert await again.replay() == 6
     assert sorted(e["request_id"] for e in stream.entries) == sorted(f"r{i}" for i in range(10))
     assert Spool(tmp_path).segments() == []
+
+
+async def test_every_entry_is_on_disk_before_record_returns_and_goes_once_confirmed(
+    tmp_path: Path,
+) -> None:
+    stream = MemoryStream()
+    clock = FakeClock()
+    spool = Spool(tmp_path, max_age_s=1.0, clock=clock)
+    plog = PredictionLog(spool=spool, metrics=Metrics(), writer=stream)  # type: ignore[arg-type]
+    spool.open()
+    for i in range(3):
+        plog.record(entry(i))
+    # Nothing flushed yet: a SIGKILL now would still leave all three in the segment.
+    assert [e["request_id"] for e in Spool(tmp_path).read_all()] == ["r0", "r1", "r2"]
+    (seg,) = spool.segments()
+    spool.sync()  # young: stays active
+    clock.advance(1.0)
+    spool.sync()  # old: sealed, but its entries are in flight, so it stays locked
+    with Spool(tmp_path).claim(seg) as entries:
+        assert entries is None
+    await plog._flush(plog.buffer.take_nowait())  # all three confirmed by Redis
+    assert [e["request_id"] for e in stream.entries] == ["r0", "r1", "r2"]
+    assert spool.segments() == []  # a confirmed segment is deleted
+    plog.record(entry(3))  # a fresh segment
+    assert len(spool.segments()) == 1
+    await plog.close()
+    assert spool.segments() == [] and len(stream.entries) == 4
+
+
+async def test_segments_of_a_crashed_process_are_replayed_exactly_once(tmp_path: Path) -> None:
+    stream = MemoryStream()
+    dead = PredictionLog(spool=Spool(tmp_path), metrics=Metrics(), writer=stream)  # type: ignore[arg-type]
+    dead.spool.open()
+    for i in range(6):
+        dead.record(entry(i))
+    await dead._flush(dead.buffer.take_nowait(2))  # r0, r1 reached Redis before the crash
+    # The crash: no close, no flush; the kernel drops the process's locks with its fds.
+    assert dead.spool._active is not None
+    os.close(dead.spool._active.fd)
+    metrics = Metrics()
+    again = PredictionLog(spool=Spool(tmp_path), metrics=metrics, writer=stream)  # type: ignore[arg-type]
+    again.spool.open()
+    assert await again.replay() == 4
+    assert sorted(e["request_id"] for e in stream.entries) == [f"r{i}" for i in range(6)]
+    assert metrics.registry.get_sample_value("prediction_log_replayed_total") == 4
+    assert again.spool.segments() == []
+
+
+async def test_an_unwritable_spool_still_reaches_redis_and_counts_losses(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    unwritable = tmp_path / "file" / "spool"  # under a regular file: every open fails
+    stream, metrics = MemoryStream(), Metrics()
+    plog = PredictionLog(spool=Spool(unwritable), metrics=metrics, writer=stream)  # type: ignore[arg-type]
+    plog.record(entry(0))  # never raises into the request path
+    await plog.close()
+    assert [e["request_id"] for e in stream.entries] == ["r0"]
+    alone = PredictionLog(spool=Spool(unwritable), metrics=metrics)
+    alone.record(entry(1))  # without Redis the spool was its only place
+    assert (
+        metrics.registry.get_sample_value("prediction_log_dropped_total", {"reason": "spool_error"})
+        == 1
+    )
 
 
 def test_redaction_hashes_and_drops_everywhere() -> None:

@@ -1,0 +1,244 @@
+"""Request coalescing (gateway/batching.py): concurrent single-row calls to one target share
+one backend call once enough calls are in flight; answers, errors, cancellation and deadlines
+stay per request. Gated fake calls, no timing."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.app import SERVICE, build_app
+from gateway.backends.base import InferRequest, InferResponse
+from gateway.backends.fake import FakeBackend
+from gateway.batching import BatchingPolicy, Coalescer
+from gateway.catalog import ModelSchema
+from gateway.clock import FakeClock
+from gateway.errors import BackendError, DeadlineExceeded
+from gateway.resilience.deadline import Deadline
+from gateway.tensors import Tensor
+from tests.unit.fakes import toy_backend, write_repo
+
+SCHEMA = ModelSchema("toy", "2", "features", "FP32", ("a", "b", "c"), ("score",))
+
+
+class GatedCall:
+    """A backend call that answers 2 * rows once the gate opens; records every call's rows."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.calls: list[np.ndarray] = []
+        self.fail: Exception | None = None
+
+    async def __call__(
+        self, schema: ModelSchema, rows: np.ndarray, request_id: str, deadline: Deadline
+    ) -> InferResponse:
+        self.calls.append(rows)
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        return InferResponse("toy", "2", {"score": Tensor("score", "FP32", rows * 2)}, request_id)
+
+
+async def until(cond: Callable[[], bool], steps: int = 1000) -> None:
+    """Yield to the loop until ``cond`` holds (bounded: no sleeps as synchronisation)."""
+    for _ in range(steps):
+        if cond():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
+def row(i: float) -> np.ndarray:
+    return np.array([[i, i + 0.5, -i]], dtype=np.float32)
+
+
+def deadline(seconds: float = 5.0, clock: FakeClock | None = None) -> Deadline:
+    return Deadline.after(seconds, clock or FakeClock())
+
+
+def start(co: Coalescer, i: float, d: Deadline | None = None) -> asyncio.Task:
+    return asyncio.create_task(co.infer_rows(SCHEMA, row(i), f"r{i}", d or deadline()))
+
+
+def answer(result: tuple[InferResponse, int]) -> np.ndarray:
+    resp, base = result
+    return resp.outputs["score"].data[base]
+
+
+async def test_low_load_calls_at_once_without_merging() -> None:
+    call = GatedCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=2), call)
+    a, b = start(co, 1), start(co, 2)
+    await until(lambda: len(call.calls) == 2)  # both went out before any answer came back
+    assert co.waiting("toy", "2") == 0
+    call.gate.set()
+    assert answer(await a) == pytest.approx(row(1)[0] * 2)
+    assert answer(await b) == pytest.approx(row(2)[0] * 2)
+    assert co.merged_calls == 0
+
+
+async def test_waiting_rows_go_out_as_one_call_and_map_back() -> None:
+    call = GatedCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=1), call)
+    first = start(co, 0)
+    await until(lambda: len(call.calls) == 1)
+    others = [start(co, i) for i in (1, 2, 3)]
+    await until(lambda: co.waiting("toy", "2") == 3)
+    assert len(call.calls) == 1  # held back while the lane is full
+    call.gate.set()
+    results = await asyncio.gather(first, *others)
+    assert [len(c) for c in call.calls] == [1, 3]
+    for i, result in zip((0, 1, 2, 3), results, strict=True):
+        assert answer(result) == pytest.approx(row(i)[0] * 2)
+    assert (co.merged_calls, co.merged_rows) == (1, 3)
+
+
+async def test_max_batch_splits_the_waiting_rows() -> None:
+    call = GatedCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=1, max_batch=2), call)
+    first = start(co, 0)
+    await until(lambda: len(call.calls) == 1)
+    others = [start(co, i) for i in (1, 2, 3)]
+    await until(lambda: co.waiting("toy", "2") == 3)
+    call.gate.set()
+    results = await asyncio.gather(first, *others)
+    assert [len(c) for c in call.calls] == [1, 2, 1]
+    for i, result in zip((0, 1, 2, 3), results, strict=True):
+        assert answer(result) == pytest.approx(row(i)[0] * 2)
+
+
+async def test_batch_rows_are_never_held_back() -> None:
+    call = GatedCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=1), call)
+    first = start(co, 0)
+    await until(lambda: len(call.calls) == 1)
+    rows = np.concatenate([row(1), row(2)])
+    batch = asyncio.create_task(co.infer_rows(SCHEMA, rows, "b", deadline()))
+    await until(lambda: len(call.calls) == 2)  # went out although the lane was full
+    call.gate.set()
+    await first
+    resp, base = await batch
+    assert base == 0 and resp.outputs["score"].data.shape == (2, 3)
+
+
+async def test_an_error_of_the_merged_call_reaches_every_member() -> None:
+    call = GatedCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=1), call)
+    first = start(co, 0)
+    await until(lambda: len(call.calls) == 1)
+    others = [start(co, i) for i in (1, 2)]
+    await until(lambda: co.waiting("toy", "2") == 2)
+    call.fail = BackendError("triton said no")
+    call.gate.set()
+    results = await asyncio.gather(first, *others, return_exceptions=True)
+    assert len(call.calls) == 2
+    assert all(isinstance(r, BackendError) for r in results)
+
+
+async def test_a_cancelled_waiter_does_not_break_the_others() -> None:
+    call = GatedCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=1), call)
+    first = start(co, 0)
+    await until(lambda: len(call.calls) == 1)
+    a, b, c = start(co, 1), start(co, 2), start(co, 3)
+    await until(lambda: co.waiting("toy", "2") == 3)
+    b.cancel()
+    await until(lambda: co.waiting("toy", "2") == 2)
+    call.gate.clear()
+    call.gate.set()
+    await first
+    assert answer(await a) == pytest.approx(row(1)[0] * 2)
+    assert answer(await c) == pytest.approx(row(3)[0] * 2)
+    assert b.cancelled()
+    assert [len(x) for x in call.calls] == [1, 2]  # the cancelled row was not sent
+
+
+async def test_cancelling_a_member_of_a_running_merged_call_spares_the_rest() -> None:
+    call = GatedCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=1), call)
+    first = start(co, 0)
+    await until(lambda: len(call.calls) == 1)
+    a, b = start(co, 1), start(co, 2)
+    await until(lambda: co.waiting("toy", "2") == 2)
+    # Let the first call answer, but hold the merged one at the gate.
+    call.gate.set()
+    await first
+    call.gate.clear()
+    await until(lambda: len(call.calls) == 2)
+    a.cancel()
+    await until(lambda: a.done())
+    call.gate.set()
+    assert answer(await b) == pytest.approx(row(2)[0] * 2)
+    assert a.cancelled()
+
+
+async def test_a_waiter_out_of_time_fails_alone() -> None:
+    clock = FakeClock()
+    call = GatedCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=1), call)
+    first = start(co, 0)
+    await until(lambda: len(call.calls) == 1)
+    late = start(co, 1, Deadline.after(0.0, clock))  # no time left at all
+    ok = start(co, 2)
+    with pytest.raises(DeadlineExceeded):
+        await late
+    call.gate.set()
+    await first
+    assert answer(await ok) == pytest.approx(row(2)[0] * 2)
+
+
+class GatedBackend(FakeBackend):
+    """The toy FakeBackend, holding every call until the gate opens."""
+
+    gate: asyncio.Event
+
+    async def infer(self, request: InferRequest, timeout_s: float) -> InferResponse:
+        await self.gate.wait()
+        return await super().infer(request, timeout_s)
+
+
+async def test_service_merges_concurrent_predictions_and_answers_each(
+    tmp_path: Path, aiohttp_client: Callable[..., Awaitable]
+) -> None:
+    backend = toy_backend()
+    backend.__class__ = GatedBackend
+    gated: GatedBackend = backend  # type: ignore[assignment]
+    gated.gate = asyncio.Event()
+    settings = dataclasses.replace(
+        write_repo(tmp_path), batching=BatchingPolicy(True, max_in_flight_per_target=1)
+    )
+    app = build_app(settings, backend=gated)
+    client = await aiohttp_client(app)
+    coalescer = app[SERVICE].coalescer
+    assert coalescer is not None
+
+    async def post(i: int) -> dict:
+        body = {"request_id": f"req-{i}", "model_name": "toy", "features": [i, -2.0, 0.5]}
+        resp = await client.post("/v1/predict", data=io.BytesIO(json.dumps(body).encode()))
+        assert resp.status == 200
+        return await resp.json()
+
+    first = asyncio.create_task(post(0))
+    await until(lambda: coalescer._lanes.get(("toy", "2")) is not None, steps=10_000)
+    await until(lambda: coalescer._lanes[("toy", "2")].in_flight == 1, steps=10_000)
+    rest = [asyncio.create_task(post(i)) for i in (1, 2, 3, 4)]
+    await until(lambda: coalescer.waiting("toy", "2") == 4, steps=10_000)
+    gated.gate.set()
+    bodies = await asyncio.gather(first, *rest)
+    assert [c.inputs[0].data.shape[0] for c in gated.calls] == [1, 4]
+    for i, body in enumerate(bodies):
+        assert body["request_id"] == f"req-{i}"
+        assert body["score"] == pytest.approx(1 / (1 + np.exp(-(i - 1.5))), rel=1e-6)
+        assert body["model_version"] == "2"
+
+
+def test_on_by_default_with_room_for_eight_calls() -> None:
+    policy = BatchingPolicy()
+    assert policy.enabled and policy.max_in_flight_per_target == 8
