@@ -82,7 +82,7 @@ class Metrics:
         )
         self.predlog_spooled = Counter(
             "prediction_log_spooled_total",
-            "Entries left in the disk spool for a replay to Redis (or kept there: no Redis), by reason",
+            "Entries left in the disk spool for replay (or kept: no Redis), by reason",
             ["reason"],
             registry=r,
         )
