@@ -136,9 +136,7 @@ class Spool:
         seg = self._active
         if seg is None:
             return
-        if self.fsync and seg.synced < seg.size:
-            os.fsync(seg.fd)
-            seg.synced = seg.size
+        self._fsync(seg)
         if seg.size >= self.segment_bytes or (
             self.max_age_s > 0 and self.clock() - seg.opened_at >= self.max_age_s
         ):
@@ -150,11 +148,14 @@ class Spool:
         seg = self._active
         if seg is None:
             return
+        self._fsync(seg)
+        self._retire(seg)
+        self.collect()
+
+    def _fsync(self, seg: Segment) -> None:
         if self.fsync and seg.synced < seg.size:
             os.fsync(seg.fd)
             seg.synced = seg.size
-        self._retire(seg)
-        self.collect()
 
     def _retire(self, seg: Segment) -> None:
         self._active = None
