@@ -4,6 +4,7 @@ that live as long as the app; modules receive what they need from here."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import AsyncIterator, Callable
 
@@ -197,6 +198,21 @@ def serve(settings: Settings, workers: int = 1) -> int:
     return 0
 
 
+#: Allocations between young-generation collections (CPython's default is 700). A /v1
+#: request allocates a few hundred objects, so the default collects every 2-3 requests.
+GC_GEN0_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Once the app is built: move what startup allocated (modules, catalog, routes) out of
+    the collector's reach, and collect young objects less often. Measured in-process on
+    /v1/predict: garbage collection ~50 -> ~12 us of CPU per request (docs/benchmarks.md)."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def serve_one(
     settings: Settings, reuse_port: bool = False, on_listening: Callable[[], object] | None = None
 ) -> None:
@@ -211,7 +227,9 @@ def serve_one(
         loop = asyncio.new_event_loop()
 
     async def make_app() -> web.Application:
-        return build_app(settings)  # inside the loop: grpc.aio channels bind to it
+        app = build_app(settings)  # inside the loop: grpc.aio channels bind to it
+        tune_gc()
+        return app
 
     def listening(_: str) -> None:
         log.info("listening", host=settings.server.host, port=settings.server.port, pid=os.getpid())

@@ -195,7 +195,8 @@ class InferenceService:
         answer (breaker open, error after retries, out of time, too slow), the fallback
         ladder does, and each answer names its rung and the version that produced it."""
         schema = self.catalog.schema(target.model, target.version)
-        rows = np.stack([p.row for p in group])
+        # One row (every /v1/predict): a (1, n) view; np.stack costs ~2 us of Python per call.
+        rows = group[0].row[np.newaxis] if len(group) == 1 else np.stack([p.row for p in group])
         request_id = group[0].request.request_id
         ladder = self.fallback
         if ladder is None:

@@ -19,7 +19,6 @@ import dataclasses
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -76,26 +75,31 @@ class LatencyTrigger:
     def __init__(self, policy: LatencyTriggerPolicy, clock: Clock = monotonic) -> None:
         self.policy = policy
         self.clock = clock
-        self._samples: deque[tuple[float, float]] = deque(maxlen=policy.max_samples)
+        # Times and latencies in two deques (same length always): the recompute reads the
+        # latencies straight into numpy, without a Python-level pass over tuples.
+        self._times: deque[float] = deque(maxlen=policy.max_samples)
+        self._values: deque[float] = deque(maxlen=policy.max_samples)
         self._p99_s: float | None = None
         self._computed_at = float("-inf")
         self._last_probe = float("-inf")
 
     def observe(self, latency_s: float) -> None:
-        self._samples.append((self.clock(), latency_s))
+        self._times.append(self.clock())
+        self._values.append(latency_s)
 
     def p99_s(self) -> float | None:
         now = self.clock()
         if now - self._computed_at >= 0.25:
             horizon = now - self.policy.window_s
-            while self._samples and self._samples[0][0] < horizon:
-                self._samples.popleft()
-            if len(self._samples) < self.policy.min_samples:
+            times, values = self._times, self._values
+            while times and times[0] < horizon:
+                times.popleft()
+                values.popleft()
+            if len(values) < self.policy.min_samples:
                 self._p99_s = None
             else:
-                n = len(self._samples)  # map/itemgetter: C-speed, no generator frames
-                values = np.fromiter(map(itemgetter(1), self._samples), np.float64, n)
-                self._p99_s = float(np.percentile(values, 99))
+                latencies = np.fromiter(values, np.float64, len(values))
+                self._p99_s = float(np.percentile(latencies, 99))
             self._computed_at = now
         return self._p99_s
 
