@@ -167,6 +167,14 @@ class Supervisor:
             multiprocess.mark_process_dead(w.process.pid, self._metrics_dir)
 
     def _shutdown(self) -> int:
+        started = [w.ready.is_set() for w in self._workers]
         codes = self._terminate(self._workers)
         log.info("workers_stopped", exitcodes=codes)
-        return 0 if all(c == 0 for c in codes) else 1
+        # A worker still starting up has no signal handler yet and dies of our SIGTERM: it
+        # never served a request, so that is a clean stop too. Serving workers must drain
+        # and exit 0.
+        clean = all(
+            c == 0 or (c == -signal.SIGTERM and not was_ready)
+            for c, was_ready in zip(codes, started, strict=True)
+        )
+        return 0 if clean else 1
