@@ -150,19 +150,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     if settings is None:
         return 2
-    server = TritonServer(
-        TritonOptions(
-            model_repository=settings.routing.model_repository,
-            ports=TritonPorts(
-                args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port
-            ),
-            address=args.triton_address,
-            # Explicit mode with everything loaded: same as the tests, and lets the gateway
-            # load and unload versions through Triton's repository API.
-            model_control_mode="explicit",
-            load_models=("*",),
-        ),
-        log_file=args.triton_log_file,
+    # Every model loaded, in explicit mode: same as the tests, and lets the gateway load and
+    # unload versions through Triton's repository API.
+    server = _local_triton(
+        args,
+        settings,
+        TritonPorts(args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port),
+        ("*",),
+        args.triton_log_file,
     )
     fallback = _fallback_triton(args, settings)
     with _running(server, *([fallback] if fallback else [])):
@@ -204,17 +199,32 @@ def _fallback_triton(args: argparse.Namespace, settings: Settings) -> TritonServ
     models = settings.triton.fallback_models
     if args.no_fallback_triton or not models:
         return None
+    return _local_triton(
+        args,
+        settings,
+        TritonPorts(args.fallback_http_port, args.fallback_grpc_port, args.fallback_metrics_port),
+        tuple(models),
+        args.triton_log_file.with_name("tritonserver-fallback.log"),
+    )
+
+
+def _local_triton(
+    args: argparse.Namespace,
+    settings: Settings,
+    ports: TritonPorts,
+    models: tuple[str, ...],
+    log_file: Path,
+) -> TritonServer:
+    """A tritonserver of the local stack on the shipped repository, explicit model control."""
     return TritonServer(
         TritonOptions(
             model_repository=settings.routing.model_repository,
-            ports=TritonPorts(
-                args.fallback_http_port, args.fallback_grpc_port, args.fallback_metrics_port
-            ),
+            ports=ports,
             address=args.triton_address,
             model_control_mode="explicit",
-            load_models=tuple(models),
+            load_models=models,
         ),
-        log_file=args.triton_log_file.with_name("tritonserver-fallback.log"),
+        log_file=log_file,
     )
 
 
