@@ -4,9 +4,11 @@
     python model_repository/train.py --out DIR  # build into another directory (tests)
     python model_repository/train.py --force    # allow changing an existing version's bytes
 
-Re-running rewrites every artifact byte-identically (fixed seeds, no timestamps, fixed zip
-metadata in weights.npz). Existing version folders are immutable: if a rebuild would change a
-byte of one (e.g. another scikit-learn version), the script stops unless --force is given.
+Re-running rewrites every artifact byte-identically on the same CPU (fixed seeds, no timestamps,
+fixed zip metadata in weights.npz). On another CPU, OpenBLAS picks other kernels and float64
+weights can differ in the last bits; such a rebuild (weights within rtol 1e-9) keeps the
+committed files. Existing version folders are immutable: if a rebuild would change one beyond
+that (e.g. another scikit-learn version), the script stops unless --force is given.
 """
 
 from __future__ import annotations
@@ -490,6 +492,59 @@ def render(built: list[Built]) -> dict[str, bytes]:
     return files
 
 
+ROUNDING_RTOL, ROUNDING_ATOL = 1e-9, 1e-12
+
+
+def _close(a: object, b: object) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return bool(np.isclose(a, b, rtol=ROUNDING_RTOL, atol=ROUNDING_ATOL))
+    return a == b
+
+
+def rounding_only(rel: str, new: bytes, old: bytes) -> bool:
+    """True when a rebuilt artifact differs from the committed one only by CPU float rounding."""
+    name = Path(rel).name
+    if name == "weights.npz":
+        try:
+            with np.load(io.BytesIO(new)) as a, np.load(io.BytesIO(old)) as b:
+                return sorted(a.files) == sorted(b.files) and all(
+                    a[k].dtype == b[k].dtype
+                    and a[k].shape == b[k].shape
+                    and np.allclose(a[k], b[k], rtol=ROUNDING_RTOL, atol=ROUNDING_ATOL)
+                    for k in a.files
+                )
+        except (OSError, ValueError, zipfile.BadZipFile):
+            return False  # not an npz at all: a real change
+    if name == "manifest.json":
+        # The weights' hash differs with the bytes; the weights themselves are checked above.
+        try:
+            a, b = json.loads(new), json.loads(old)
+        except ValueError:
+            return False
+        a["files"]["weights.npz"] = b["files"]["weights.npz"] = None
+        return _close(a, b)
+    return False
+
+
+def _kept_within_rounding(rel: str, files: dict[str, bytes], out: Path) -> bool:
+    """A version's weights and manifest go together: both equal or rounding-only, or neither."""
+    vdir = Path(rel).parent
+    if Path(rel).name not in {"weights.npz", "manifest.json"}:
+        return False
+    for name in ("weights.npz", "manifest.json"):
+        new, old_path = files[f"{vdir}/{name}"], out / vdir / name
+        if not old_path.exists():
+            return False
+        old = old_path.read_bytes()
+        if new != old and not rounding_only(name, new, old):
+            return False
+    return True
+
+
 def write(files: dict[str, bytes], out: Path, force: bool) -> list[str]:
     changed = []
     for rel, data in files.items():
@@ -497,6 +552,8 @@ def write(files: dict[str, bytes], out: Path, force: bool) -> list[str]:
         is_versioned = len(Path(rel).parts) == 3
         if path.exists() and path.read_bytes() == data:
             continue
+        if path.exists() and is_versioned and not force and _kept_within_rounding(rel, files, out):
+            continue  # the committed weights and their manifest stay, byte for byte
         if path.exists() and is_versioned and not force:
             raise SystemExit(
                 f"refusing to change immutable version artifact {path} (bytes differ); "
