@@ -11,6 +11,10 @@ back to back) and open-loop runs at a fixed arrival rate -- half the reference t
 saturation (the overhead target is stated there) and half the gateway's own. Load comes from
 ``--procs`` generator processes (asyncio on uvloop), never from the measured processes.
 CPU per request is read from /proc (psutil) for the gateway (all workers) and Triton.
+
+``--pin gateway=1,triton=0,client=0`` pins each side (every thread of the process and its
+children, like ``taskset -a``) to its own CPUs, so the gateway's overhead can be measured on a
+core of its own instead of time-sharing with Triton and the generator.
 """
 
 from __future__ import annotations
@@ -301,7 +305,9 @@ def benchmark(args: argparse.Namespace, eps: dict[str, Endpoint], pids: dict[str
     ctx = multiprocessing.get_context("spawn")
     rows: list[Row] = []
     names = [t for t in args.targets if t in eps]
-    with ctx.Pool(args.procs) as pool:
+    client_cpus = args.pin.get("client")
+    init = (os.sched_setaffinity, (0, client_cpus)) if client_cpus else (None, ())
+    with ctx.Pool(args.procs, *init) as pool:
         for name in names:  # warm up every path (connections, Triton, caches)
             run_phase(pool, args.procs, Job(eps[name], args.warmup, concurrency=8), meters, "warm")
         sat: dict[str, float] = {}
@@ -386,6 +392,43 @@ def overhead(rows: Sequence[Row]) -> str:
 
 def _num(v: float | None) -> str:
     return "-" if v is None or v != v else f"{v:.3f}"
+
+
+# -- CPU pinning ---------------------------------------------------------------------------
+SIDES = ("gateway", "triton", "client")
+
+
+def parse_pin(spec: str) -> dict[str, set[int]]:
+    """``gateway=1,triton=0,client=0`` or ``gateway=2-3,triton=0-1`` -> side -> CPUs."""
+    pins: dict[str, set[int]] = {}
+    for part in filter(None, spec.split(",")):
+        side, _, cpus = part.partition("=")
+        if side not in SIDES or not cpus:
+            raise argparse.ArgumentTypeError(f"--pin: expected side=CPUS with side in {SIDES}")
+        pins.setdefault(side, set())
+        for item in cpus.split("+"):
+            lo, _, hi = item.partition("-")
+            pins[side].update(range(int(lo), int(hi or lo) + 1))
+    return pins
+
+
+def pin_tree(pid: int, cpus: set[int]) -> int:
+    """Pin every thread of `pid` and of its descendants; returns how many threads were pinned.
+    New threads inherit their creator's mask, so pinning after start-up covers later ones."""
+    pinned = 0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            tids = [t.id for t in proc.threads()]
+        except psutil.NoSuchProcess:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, cpus)
+                pinned += 1
+            except ProcessLookupError:
+                continue
+    return pinned
 
 
 # -- the stack -----------------------------------------------------------------------------
@@ -477,6 +520,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "sets the open-loop rate")  # fmt: skip
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", type=Path, help="write the rows here too")
+    p.add_argument(
+        "--pin",
+        type=parse_pin,
+        default={},
+        metavar="SIDE=CPUS,...",
+        help="pin gateway/triton/client to CPUs, e.g. gateway=1,triton=0,client=0",
+    )
     return p.parse_args(argv)
 
 
@@ -495,13 +545,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "triton_grpc": args.triton_grpc,
                 "pids": {"gateway": args.gateway_pid, "triton": args.triton_pid},
             }
+        for side, cpus in args.pin.items():
+            if side != "client" and where["pids"].get(side):
+                n = pin_tree(where["pids"][side], cpus)
+                print(f"# pinned {side} ({n} threads) to CPUs {sorted(cpus)}", file=sys.stderr)
         eps = endpoints(where["gateway"], where["triton_http"], where["triton_grpc"])
         if not eps:
             print("error: no targets (use --start or give URLs)", file=sys.stderr)
             return 2
         print(
             f"# {os.cpu_count()} CPUs, gateway workers={args.workers if args.start else '?'}, "
-            f"{args.procs} generator process(es), {args.duration:.0f} s per phase",
+            f"{args.procs} generator process(es), {args.duration:.0f} s per phase"
+            + (f", client on CPUs {sorted(args.pin['client'])}" if "client" in args.pin else ""),
             file=sys.stderr,
         )
         rows = benchmark(args, eps, where["pids"])

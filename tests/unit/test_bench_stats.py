@@ -1,12 +1,18 @@
-"""The benchmark's statistics and open-loop schedules (loadtest/stats.py)."""
+"""The benchmark's statistics and open-loop schedules (loadtest/stats.py), and its CPU pinning."""
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
+import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from loadtest.stats import open_loop_schedule, percentile, split_schedule, summarize
@@ -80,3 +86,50 @@ def test_gpu_bench_builds_valid_kind_gpu_repositories(tmp_path: Path) -> None:
     assert "dynamic_batching" not in cfg
     assert "dynamic_batching" in (tmp_path / "batching-on" / "mlp" / "config.pbtxt").read_text()
     assert "gpus: [ 1 ]" in (tmp_path / "dedicated-gpu" / "mlp_b" / "config.pbtxt").read_text()
+
+
+def test_pin_spec_parses_sides_and_ranges() -> None:
+    from loadtest.bench import parse_pin
+
+    assert parse_pin("gateway=1,triton=0,client=0") == {
+        "gateway": {1},
+        "triton": {0},
+        "client": {0},
+    }
+    assert parse_pin("gateway=2-4+7") == {"gateway": {2, 3, 4, 7}}
+    for bad in ("proxy=1", "gateway", "gateway="):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_pin(bad)
+
+
+def test_pin_tree_pins_every_thread_of_a_process_and_its_children() -> None:
+    from loadtest.bench import pin_tree
+
+    cpu = min(os.sched_getaffinity(0))
+    # A parent with a child, each with an extra thread, all asleep until killed.
+    code = (
+        "import subprocess, sys, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "if len(sys.argv) > 1:\n"
+        "    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print('up', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, "parent"], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+        root = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 10
+        while not root.children() and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling for the child's start, bounded by the deadline
+        procs = [root, *root.children(recursive=True)]
+        assert len(procs) == 2
+        n = pin_tree(proc.pid, {cpu})
+        tids = [t.id for p in procs for t in p.threads()]
+        assert n == len(tids) >= 3
+        assert all(os.sched_getaffinity(tid) == {cpu} for tid in tids)
+    finally:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            p.kill()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
