@@ -22,7 +22,13 @@ from gateway.clock import Clock, monotonic
 from gateway.errors import BackendError, BackendUnavailable, DeadlineExceeded, SwitchyardError
 from gateway.metrics import Metrics
 from gateway.resilience.admission import Admission, AdmissionLimits
-from gateway.resilience.breaker import BreakerPolicy, BreakerState, CircuitBreaker, CircuitOpen
+from gateway.resilience.breaker import (
+    BreakerPolicy,
+    BreakerState,
+    CircuitBreaker,
+    CircuitOpen,
+    Permit,
+)
 from gateway.resilience.deadline import Deadline
 from gateway.resilience.retry import Retrier, RetryBudget, RetryPolicy
 
@@ -72,7 +78,12 @@ class BackendPool:
         retry_policy = retry_policy or RetryPolicy()
         self.retrier = retrier or Retrier(
             retry_policy,
-            RetryBudget(retry_policy.budget_ratio, retry_policy.budget_window_s, clock),
+            RetryBudget(
+                retry_policy.budget_ratio,
+                retry_policy.budget_window_s,
+                clock,
+                min_per_s=retry_policy.budget_min_retries_per_s,
+            ),
             on_retry=self._on_retry,
         )
         self.admission = Admission(admission or AdmissionLimits(), on_shed=self._on_shed)
@@ -83,13 +94,13 @@ class BackendPool:
         tried: set[str] = set()
 
         async def attempt(_: int) -> InferResponse:
-            member, breaker = self._pick(request.model, tried)
+            member, breaker, permit = self._pick(request.model, tried)
             tried.add(member.name)
-            return await self._call(member, breaker, request, deadline)
+            return await self._call(member, breaker, permit, request, deadline)
 
         return await self.retrier.call(attempt, deadline)
 
-    def _pick(self, model: str, tried: set[str]) -> tuple[PoolMember, CircuitBreaker]:
+    def _pick(self, model: str, tried: set[str]) -> tuple[PoolMember, CircuitBreaker, Permit]:
         serving = [m for m in self.members if m.serves(model)]
         ready = [m for m in serving if m.ready]
         if not ready:
@@ -105,8 +116,9 @@ class BackendPool:
             ready.sort(key=lambda m: (m.name in tried, m.in_flight))
         for member in ready:
             breaker = self.breaker(member, model)
-            if breaker.acquire():
-                return member, breaker
+            permit = breaker.acquire()
+            if permit is not None:
+                return member, breaker, permit
         raise CircuitOpen(
             f"circuit open for model {model!r} on every ready server",
             details={"model": model, "servers": [m.name for m in ready]},
@@ -116,6 +128,7 @@ class BackendPool:
         self,
         member: PoolMember,
         breaker: CircuitBreaker,
+        permit: Permit,
         request: InferRequest,
         deadline: Deadline,
     ) -> InferResponse:
@@ -131,14 +144,14 @@ class BackendPool:
                 try:
                     resp = await member.backend.infer(request, deadline.check("backend call"))
                 except (BackendUnavailable, BackendError, DeadlineExceeded):
-                    breaker.record_failure()  # timeouts too: a hung server must trip it
+                    breaker.record_failure(permit)  # timeouts too: a hung server must trip it
                     outcome_recorded = True
                     raise
                 except SwitchyardError:
-                    breaker.record_success(self.clock() - started)  # the caller's fault
+                    breaker.record_success(permit, self.clock() - started)  # the caller's fault
                     outcome_recorded = True
                     raise
-                breaker.record_success(self.clock() - started)
+                breaker.record_success(permit, self.clock() - started)
                 outcome_recorded = True
                 return resp
             finally:
@@ -146,7 +159,7 @@ class BackendPool:
         finally:
             member.in_flight -= 1
             if not outcome_recorded:
-                breaker.abandon()  # shed by admission, or cancelled: says nothing of the server
+                breaker.abandon(permit)  # shed, or cancelled: says nothing of the server
 
     def breaker(self, member: PoolMember, model: str) -> CircuitBreaker:
         b = member.breakers.get(model)

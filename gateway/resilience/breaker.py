@@ -4,6 +4,11 @@ Recording outcomes (`record_success`, `record_failure`) is kept apart from decid
 breaker keeps a rolling window of outcomes and asks its `BreakerPolicy` whether that window
 trips it. States: CLOSED (calls flow) -> OPEN (fail fast) after `open_s` -> HALF_OPEN (a few
 probe calls) -> CLOSED when the probes succeed, or OPEN again on a probe failure.
+
+Every call holds a `Permit` from `acquire` and hands it back with its outcome. The permit
+says whether the call is a probe of the current half-open period: a slow call admitted
+before the breaker opened that finishes during half-open counts in the window, but neither
+frees a probe slot, nor closes the breaker, nor re-opens it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,14 @@ class WindowStats:
         return self.failures / self.calls if self.calls else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Permit:
+    """One call's permission: issued in state period `epoch`, as a half-open probe or not."""
+
+    epoch: int
+    probe: bool
+
+
 @dataclass(frozen=True)
 class BreakerPolicy:
     """When a breaker opens and how it recovers. Slow calls count as failures."""
@@ -78,6 +91,8 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._probes_in_flight = 0
         self._probe_successes = 0
+        self._epoch = 0  # bumped on every state change; permits from older epochs are stale
+        self._closed_permit = Permit(0, probe=False)  # shared by every call while CLOSED
 
     @property
     def state(self) -> BreakerState:
@@ -96,45 +111,45 @@ class CircuitBreaker:
             return self._probes_in_flight < self.policy.half_open_probes
         return state is BreakerState.CLOSED
 
-    def acquire(self) -> bool:
-        """Take permission for one call; in HALF_OPEN this takes one of the probe slots.
+    def acquire(self) -> Permit | None:
+        """Permission for one call, or None; in HALF_OPEN this takes one of the probe slots.
 
-        Every acquired call must end in exactly one record_success/record_failure/abandon.
+        Every permit must come back in exactly one record_success/record_failure/abandon.
         """
         if not self.available():
-            return False
+            return None
         if self._state is BreakerState.HALF_OPEN:
             self._probes_in_flight += 1
-        return True
+            return Permit(self._epoch, probe=True)
+        return self._closed_permit
 
-    def record_success(self, elapsed_s: float = 0.0) -> None:
+    def record_success(self, permit: Permit, elapsed_s: float = 0.0) -> None:
         if elapsed_s > self.policy.slow_call_s:
-            self.record_failure()
+            self.record_failure(permit)
             return
-        self._end_probe()
         self._consecutive = 0
         self._push(failed=False)
-        if self._state is BreakerState.HALF_OPEN:
+        if self._end_probe(permit):
             self._probe_successes += 1
             if self._probe_successes >= self.policy.half_open_probes:
                 self._close()
 
-    def record_failure(self) -> None:
-        self._end_probe()
+    def record_failure(self, permit: Permit) -> None:
         self._consecutive += 1
         self._push(failed=True)
-        half_open = self._state is BreakerState.HALF_OPEN
-        if half_open or (self._state is BreakerState.CLOSED and self.policy.trips(self.stats())):
+        if self._end_probe(permit):
             self._open()  # one failed probe re-opens a half-open breaker
+        elif self._state is BreakerState.CLOSED and self.policy.trips(self.stats()):
+            self._open()
+
+    def abandon(self, permit: Permit) -> None:
+        """The call was cancelled before an outcome: give back its probe slot, record nothing."""
+        self._end_probe(permit)
 
     def force_open(self) -> None:
         """Open now, whatever the window says: the server failed its health check."""
         if self._state is not BreakerState.OPEN:
             self._open()
-
-    def abandon(self) -> None:
-        """The call was cancelled before an outcome: give back its probe slot, record nothing."""
-        self._end_probe()
 
     def stats(self) -> WindowStats:
         self._prune()
@@ -152,9 +167,12 @@ class CircuitBreaker:
             _, failed = self._outcomes.popleft()
             self._failures -= failed
 
-    def _end_probe(self) -> None:
-        if self._probes_in_flight:
+    def _end_probe(self, permit: Permit) -> bool:
+        """Free the permit's probe slot; True when it was a probe of the current period."""
+        if permit.probe and permit.epoch == self._epoch and self._probes_in_flight:
             self._probes_in_flight -= 1
+            return True
+        return False
 
     def _open(self) -> None:
         self._opened_at = self.clock()
@@ -172,7 +190,8 @@ class CircuitBreaker:
     def _set(self, state: BreakerState) -> None:
         if state is not self._state:
             self._state = state
-            if state is not BreakerState.HALF_OPEN:
-                self._probes_in_flight = 0
+            self._epoch += 1
+            self._probes_in_flight = 0
+            self._closed_permit = Permit(self._epoch, probe=False)
             if self.on_change is not None:
                 self.on_change(state)

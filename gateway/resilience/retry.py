@@ -3,7 +3,9 @@
 Only `BackendUnavailable` (gRPC UNAVAILABLE, refused or dropped connections) is retried, and
 never one marked ``retryable = False`` (an open breaker, no ready server). A global
 `RetryBudget` keeps retries under a share of the requests over a sliding window, so a sick
-backend sees at most ~10 % extra load instead of a retry storm. Backoff is exponential with
+backend sees at most ~10 % extra load instead of a retry storm; a small floor of retries per
+second (Finagle's and Linkerd's `minRetriesPerSec`) keeps a quiet service able to retry a
+one-off dropped connection. Backoff is exponential with
 full jitter; the randomness is injectable.
 """
 
@@ -32,6 +34,7 @@ class RetryPolicy:
     backoff_max_s: float = 0.1
     budget_ratio: float = 0.1  # retries <= this share of requests in the window
     budget_window_s: float = 10.0
+    budget_min_retries_per_s: float = 1.0  # floor: this many per second whatever the traffic
     min_attempt_s: float = 0.005  # no retry when less than this is left of the deadline
 
     def backoff(self, attempt: int, rng: random.Random) -> float:
@@ -47,10 +50,13 @@ def retryable(exc: BaseException) -> bool:
 class RetryBudget:
     """Counts requests and retries in a sliding window (1 s buckets); shared gateway-wide."""
 
-    def __init__(self, ratio: float, window_s: float, clock: Clock = monotonic) -> None:
+    def __init__(
+        self, ratio: float, window_s: float, clock: Clock = monotonic, min_per_s: float = 0.0
+    ) -> None:
         self.ratio = ratio
         self.window_s = window_s
         self.clock = clock
+        self.floor = min_per_s * window_s  # retries allowed in any window, traffic or not
         self._buckets: deque[list[int]] = deque()  # [second, requests, retries]
 
     def _bucket(self) -> list[int]:
@@ -69,7 +75,7 @@ class RetryBudget:
         bucket = self._bucket()
         requests = sum(b[1] for b in self._buckets)
         retries = sum(b[2] for b in self._buckets)
-        if retries + 1 > self.ratio * requests:
+        if retries + 1 > self.ratio * requests + self.floor:
             return False
         bucket[2] += 1
         return True

@@ -97,6 +97,34 @@ async def test_budget_window_slides() -> None:
     assert not budget.try_spend()
 
 
+async def test_budget_floor_lets_a_quiet_service_retry() -> None:
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.1, window_s=10, clock=clock, min_per_s=0.5)  # 5 per window
+    retrier = Retrier(NO_WAIT, budget)
+    calls: list[int] = []
+    result = await retrier.call(
+        failing(BackendUnavailable("reset"), calls, succeed_on=2), Deadline.after(1, clock)
+    )
+    assert result == "ok" and calls == [1, 2]  # one request in the window, still retried
+    assert [budget.try_spend() for _ in range(5)] == [True] * 4 + [False]  # floor: 5 in all
+    for _ in range(20):
+        budget.record_request()
+    assert budget.try_spend() and budget.try_spend()  # + 10 % of 21 requests
+    assert not budget.try_spend()
+    clock.advance(11)
+    assert budget.counts() == (0, 0)
+    assert budget.try_spend()  # a new window, a new floor
+
+
+def test_pool_budget_takes_the_policy_floor() -> None:
+    from gateway.backends.fake import FakeBackend
+    from gateway.backends.pool import BackendPool, PoolMember
+
+    policy = RetryPolicy(budget_window_s=10, budget_min_retries_per_s=2)
+    pool = BackendPool([PoolMember("a", FakeBackend([]))], retry_policy=policy)
+    assert pool.retrier.budget.floor == 20
+
+
 async def test_no_retry_when_the_deadline_is_nearly_spent() -> None:
     clock = FakeClock()
     calls: list[int] = []
