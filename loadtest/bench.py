@@ -187,6 +187,17 @@ class Client:
         await self._close()
 
 
+async def _timed(send: Any, i: int, since: float, result: JobResult) -> None:
+    """Send request i; record its latency from `since` (perf_counter), or count its error."""
+    try:
+        await send(i)
+    except Exception as exc:
+        result.errors += 1
+        result.first_error = result.first_error or repr(exc)
+    else:
+        result.latencies_ms.append((time.perf_counter() - since) * 1000.0)
+
+
 async def _closed_loop(send: Any, concurrency: int, duration_s: float) -> JobResult:
     result = JobResult()
     clock = time.perf_counter
@@ -195,13 +206,7 @@ async def _closed_loop(send: Any, concurrency: int, duration_s: float) -> JobRes
 
     async def client() -> None:
         while (t0 := clock()) < end:
-            try:
-                await send(next(counter))
-            except Exception as exc:
-                result.errors += 1
-                result.first_error = result.first_error or repr(exc)
-            else:
-                result.latencies_ms.append((clock() - t0) * 1000.0)
+            await _timed(send, next(counter), t0, result)
 
     start = clock()
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -216,15 +221,6 @@ async def _open_loop(send: Any, schedule: Sequence[float], max_in_flight: int) -
     clock = time.perf_counter
     in_flight: set[asyncio.Task[None]] = set()
 
-    async def one(i: int, due: float) -> None:
-        try:
-            await send(i)
-        except Exception as exc:
-            result.errors += 1
-            result.first_error = result.first_error or repr(exc)
-        else:
-            result.latencies_ms.append((clock() - due) * 1000.0)
-
     start = clock()
     for i, offset in enumerate(schedule):
         due = start + offset
@@ -235,7 +231,7 @@ async def _open_loop(send: Any, schedule: Sequence[float], max_in_flight: int) -
             result.errors += 1
             result.first_error = result.first_error or "client: too many requests in flight"
             continue
-        task = asyncio.create_task(one(i, due))
+        task = asyncio.create_task(_timed(send, i, due, result))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
     if in_flight:
