@@ -192,20 +192,17 @@ def train_risk_v1(data: Dataset) -> Built:
     est = LogisticRegression(
         C=hp["C"], max_iter=hp["max_iter"], solver=hp["solver"], random_state=SEED
     ).fit(scaler.transform(data.x_train), data.y_train)
-    w = export_layers(scaler, [est.coef_.T], [est.intercept_], negate_last=True)
+    return _built_risk(1, data, hp, scaler, est, [est.coef_.T], [est.intercept_])
+
+
+def _built_risk(version: int, data: Dataset, hp: dict, scaler, est, coefs, intercepts) -> Built:
+    """Export a fitted risk classifier and check it against scikit-learn on both splits."""
+    w = export_layers(scaler, coefs, intercepts, negate_last=True)
     for x in (data.x_train, data.x_hold):
         check_export(w, x, risk_score_reference(est, scaler.transform(x)), "sigmoid")
     score = sigmoid(forward(w, data.x_hold)[:, 0])
-    return Built(
-        "risk",
-        1,
-        data,
-        hp,
-        w,
-        "sigmoid",
-        RISK_DECISION,
-        binary_metrics(data.y_hold == 0, score),
-    )
+    metrics = binary_metrics(data.y_hold == 0, score)
+    return Built("risk", version, data, hp, w, "sigmoid", RISK_DECISION, metrics)
 
 
 def _risk_mlp(data: Dataset, hp: dict):
@@ -233,20 +230,7 @@ RISK_V2_HP = {
 
 def train_risk_v2(data: Dataset) -> Built:
     scaler, est = _risk_mlp(data, RISK_V2_HP)
-    w = export_layers(scaler, est.coefs_, est.intercepts_, negate_last=True)
-    for x in (data.x_train, data.x_hold):
-        check_export(w, x, risk_score_reference(est, scaler.transform(x)), "sigmoid")
-    score = sigmoid(forward(w, data.x_hold)[:, 0])
-    return Built(
-        "risk",
-        2,
-        data,
-        dict(RISK_V2_HP),
-        w,
-        "sigmoid",
-        RISK_DECISION,
-        binary_metrics(data.y_hold == 0, score),
-    )
+    return _built_risk(2, data, dict(RISK_V2_HP), scaler, est, est.coefs_, est.intercepts_)
 
 
 def band(score: np.ndarray) -> np.ndarray:
