@@ -113,6 +113,11 @@ def spooled(spool_dir: Path) -> list[dict]:
     ]
 
 
+def poll_drained(gw: GatewayProcess, url: str, n: int, what: str) -> None:
+    """Wait until the stream holds at least n entries and the gateway's spool is empty."""
+    poll(lambda: len(stream_entries(url)) >= n and not spooled(gw.spool_dir), 20, what)
+
+
 def gateway_env(redis_url: str, **extra: str) -> dict[str, str]:
     return {"SWITCHYARD__REDIS__URL": redis_url, "SWITCHYARD__PREDLOG__RETRY_INTERVAL_S": "0.1",
             "SWITCHYARD__TELEMETRY__TRITON_SCRAPE_INTERVAL_S": "0", **extra}  # fmt: skip
@@ -220,10 +225,7 @@ def test_redis_killed_mid_load_spools_then_drains_exactly_once(
             redis_server.start()  # same port, same AOF: the first 200 are still there
             list(pool.map(lambda r: predict(gw, r), ids[400:]))
 
-        def drained() -> bool:
-            return len(stream_entries(redis_server.url)) >= len(ids) and not spooled(gw.spool_dir)
-
-        poll(drained, 20, "spool did not drain")
+        poll_drained(gw, redis_server.url, len(ids), "spool did not drain")
         metrics = urllib.request.urlopen(f"{gw.url}/metrics", timeout=5).read().decode()
     finally:
         stop_gateway(gw)
@@ -262,8 +264,7 @@ def test_gateway_crash_between_spool_and_replay_is_exactly_once(
     client.close()
     gw2 = start_gateway(repo_root, tmp_path, triton.grpc_url, env)
     try:
-        poll(lambda: len(stream_entries(redis_server.url)) >= len(ids) and not spooled(
-            gw2.spool_dir), 20, "spool not replayed after restart")  # fmt: skip
+        poll_drained(gw2, redis_server.url, len(ids), "spool not replayed after restart")
     finally:
         stop_gateway(gw2)
     logged = [e["request_id"] for e in stream_entries(redis_server.url)]
@@ -300,11 +301,7 @@ def test_sigkill_right_after_the_last_answer_loses_nothing(
         redis_server.start()
     gw2 = start_gateway(repo_root, tmp_path, triton.grpc_url, env)
     try:
-
-        def replayed() -> bool:
-            return len(stream_entries(redis_server.url)) >= len(ids) and not spooled(gw2.spool_dir)
-
-        poll(replayed, 20, "the dead gateway's segments were not replayed")
+        poll_drained(gw2, redis_server.url, len(ids), "the dead gateway's spool was not replayed")
         metrics = urllib.request.urlopen(f"{gw2.url}/metrics", timeout=5).read().decode()
     finally:
         stop_gateway(gw2)
