@@ -50,10 +50,13 @@ class WindowStats:
 
 @dataclass(frozen=True, slots=True)
 class Permit:
-    """One call's permission: issued in state period `epoch`, as a half-open probe or not."""
+    """One call's permission: a half-open probe of state period `epoch`, or not a probe."""
 
     epoch: int
     probe: bool
+
+
+_NOT_A_PROBE = Permit(-1, probe=False)  # every call admitted while CLOSED: nothing to match
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,7 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._probes_in_flight = 0
         self._probe_successes = 0
-        self._epoch = 0  # bumped on every state change; permits from older epochs are stale
-        self._closed_permit = Permit(0, probe=False)  # shared by every call while CLOSED
+        self._epoch = 0  # bumped on every state change; probes from older epochs are stale
 
     @property
     def state(self) -> BreakerState:
@@ -121,7 +123,7 @@ class CircuitBreaker:
         if self._state is BreakerState.HALF_OPEN:
             self._probes_in_flight += 1
             return Permit(self._epoch, probe=True)
-        return self._closed_permit
+        return _NOT_A_PROBE
 
     def record_success(self, permit: Permit, elapsed_s: float = 0.0) -> None:
         if elapsed_s > self.policy.slow_call_s:
@@ -192,6 +194,5 @@ class CircuitBreaker:
             self._state = state
             self._epoch += 1
             self._probes_in_flight = 0
-            self._closed_permit = Permit(self._epoch, probe=False)
             if self.on_change is not None:
                 self.on_change(state)
