@@ -25,6 +25,9 @@ class InferResponse:
     version: str
     outputs: Mapping[str, Tensor]
     request_id: str = ""
+    #: What the gateway adds to an OIP response's ``parameters``: policy_version,
+    #: fallback_used, request_id. Empty straight from a backend.
+    parameters: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Backend(Protocol):
