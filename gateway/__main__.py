@@ -131,9 +131,22 @@ def cmd_triton(args: argparse.Namespace) -> int:
         return code or 1
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.app import serve
+def serve(settings: Settings, workers: int = 1) -> int:
+    """Run the gateway until SIGINT/SIGTERM (blocking); ``workers`` > 1 supervises that many
+    processes sharing the ports (gateway.workers). Returns the exit status."""
+    if workers > 1:
+        from gateway.log import configure_logging
+        from gateway.workers import Supervisor
 
+        configure_logging(settings.log.level, settings.log.json)
+        return Supervisor(settings, workers).run()
+    from gateway.serving import serve_one
+
+    serve_one(settings)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     if settings is None:
         return 2
@@ -144,7 +157,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from gateway.app import serve
     from gateway.config import ServerSpec
 
     settings = _load_settings(args)

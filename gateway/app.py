@@ -4,10 +4,10 @@ that live as long as the app; modules receive what they need from here."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
+import numpy as np
 import structlog
 from aiohttp import web
 
@@ -18,10 +18,10 @@ from gateway.api.middleware import request_context
 from gateway.backends.base import Backend
 from gateway.backends.pool import BackendPool, PoolMember
 from gateway.backends.triton import TritonBackend
+from gateway.batching import Coalescer
 from gateway.catalog import ModelCatalog
 from gateway.clock import Clock, monotonic
 from gateway.config import Settings
-from gateway.log import configure_logging
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.observability import build_observability
 from gateway.resilience.cache import PredictionCache
@@ -29,8 +29,9 @@ from gateway.resilience.fallback import FallbackLadder
 from gateway.routing.readiness import VersionGate
 from gateway.routing.reload import RouteReloader
 from gateway.routing.shadow import ShadowDispatcher
-from gateway.routing.table import RouteTableRef, load_route_table
+from gateway.routing.table import RouteTable, RouteTableRef, load_route_table
 from gateway.service import InferenceService
+from gateway.types import InferRequest
 
 log = structlog.get_logger(__name__)
 
@@ -48,45 +49,42 @@ def build_app(
     backend = backend or pool
     assert backend is not None
     obs = build_observability(settings, metrics, clock)  # Redis, prediction log, features
-    r = settings.routing
+    r, res = settings.routing, settings.resilience
+    routes = RouteTableRef(table)
     shadow = ShadowDispatcher(
         backend,
-        catalog,
+        lambda: routes.current.catalog,
         metrics,
         max_in_flight=r.shadow_max_in_flight,
         timeout_s=r.shadow_timeout_s,
     )
-    service = InferenceService(
-        routes=RouteTableRef(table),
-        catalog=catalog,
-        backend=backend,
-        predlog=obs.predlog,
-        features=obs.features,
-        log_policies=obs.policies,
-        metrics=metrics,
-        default_deadline_ms=settings.routing.default_deadline_ms,
-        max_deadline_ms=settings.routing.max_deadline_ms,
-        control_timeout_s=settings.triton.control_timeout_s,
-        clock=clock,
-        shadow=shadow,
-        batching=settings.batching,
-    )
-    res = settings.resilience
     cache = PredictionCache(
         max_entries=res.cache_max_entries,
         redis_url=settings.redis.url,
         redis_timeout_s=res.cache_redis_timeout_s,
         clock=clock,
     )
-    service.fallback = FallbackLadder(
-        backend=backend,
-        catalog=lambda: service.catalog,
-        cache=cache,
-        metrics=metrics,
-        policy=res.fallback,
-        clock=clock,
+    # The request path, bottom up: pool (admission, breaker, retry) <- coalescer <- ladder.
+    coalescer = Coalescer(settings.batching, backend)
+    ladder = FallbackLadder(
+        inner=coalescer, cache=cache, metrics=metrics, policy=res.fallback, clock=clock
     )
-    reloader = _route_reloader(settings, service, shadow, metrics)
+    service = InferenceService(
+        routes=routes,
+        stack=ladder,
+        backend=backend,
+        predlog=obs.predlog,
+        features=obs.features,
+        log_policies=obs.policies,
+        metrics=metrics,
+        default_deadline_ms=r.default_deadline_ms,
+        max_deadline_ms=r.max_deadline_ms,
+        slo_deadline_factor=r.slo_deadline_factor,
+        control_timeout_s=settings.triton.control_timeout_s,
+        clock=clock,
+        shadow=shadow,
+    )
+    reloader = _route_reloader(settings, service, metrics)
 
     app = web.Application(
         middlewares=[request_context], client_max_size=settings.server.max_body_bytes
@@ -111,8 +109,7 @@ def build_app(
 
     async def backend_ctx(_: web.Application) -> AsyncIterator[None]:
         yield
-        if service.coalescer is not None:
-            await service.coalescer.close()
+        await coalescer.close()
         await backend.close()
 
     async def routing_ctx(_: web.Application) -> AsyncIterator[None]:
@@ -124,9 +121,8 @@ def build_app(
     async def resilience_ctx(_: web.Application) -> AsyncIterator[None]:
         # Health checks, the fallback models' warm-up probe, batched cache writes to Redis.
         t = settings.triton
-        assert service.fallback is not None
         jobs = [
-            service.fallback.run_warmer(service.routes, t.control_timeout_s),
+            ladder.run_warmer(lambda: fallback_probes(routes.current), t.control_timeout_s),
             cache.run_flusher(),
         ]
         if pool is not None:
@@ -160,15 +156,24 @@ def build_pool(settings: Settings, metrics: Metrics, clock: Clock = monotonic) -
     )
 
 
+def fallback_probes(table: RouteTable) -> list[InferRequest]:
+    """A zero row for every route's fallback model: what the warm-up probe sends."""
+    probes = []
+    for route in table.routes.values():
+        t = route.fallback.target
+        schema = table.catalog.find(t.model, t.version) if t is not None else None
+        if schema is not None:
+            rows = np.zeros((1, len(schema.features)), dtype=np.float32)
+            probes.append(schema.infer_request(rows, "warm-probe"))
+    return probes
+
+
 def _route_reloader(
-    settings: Settings, service: InferenceService, shadow: ShadowDispatcher, metrics: Metrics
+    settings: Settings, service: InferenceService, metrics: Metrics
 ) -> RouteReloader:
-    """Hot reload of routes: the catalog is re-read too, so a new version's manifest counts."""
+    """Hot reload of routes: the catalog is re-read too, so a new version's manifest counts;
+    the table and its catalog go live as one snapshot."""
     r = settings.routing
-
-    def use_catalog(catalog: ModelCatalog) -> None:
-        service.catalog = shadow.catalog = catalog
-
     gate = VersionGate(
         service.backend,
         load_versions=r.load_versions,
@@ -181,68 +186,5 @@ def _route_reloader(
         gate,
         metrics,
         load_catalog=lambda: ModelCatalog.load(r.model_repository),
-        on_catalog=use_catalog,
         interval_s=r.reload_interval_s,
-    )
-
-
-def serve(settings: Settings, workers: int = 1) -> int:
-    """Run the gateway until SIGINT/SIGTERM (blocking); ``workers`` > 1 supervises that many
-    processes sharing the port (gateway.workers). Returns the exit status."""
-    if workers > 1:
-        from gateway.workers import Supervisor
-
-        configure_logging(settings.log.level, settings.log.json)
-        return Supervisor(settings, workers).run()
-    serve_one(settings)
-    return 0
-
-
-#: Allocations between young-generation collections (CPython's default is 700). A /v1
-#: request allocates a few hundred objects, so the default collects every 2-3 requests.
-GC_GEN0_THRESHOLD = 10_000
-
-
-def tune_gc() -> None:
-    """Once the app is built: move what startup allocated (modules, catalog, routes) out of
-    the collector's reach, and collect young objects less often. Measured in-process on
-    /v1/predict: garbage collection ~50 -> ~12 us of CPU per request (docs/benchmarks.md)."""
-    gc.collect()
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
-
-
-def serve_one(
-    settings: Settings, reuse_port: bool = False, on_listening: Callable[[], object] | None = None
-) -> None:
-    """One gateway process on a uvloop event loop; ``on_listening`` runs once it accepts."""
-    configure_logging(settings.log.level, settings.log.json)
-    loop: asyncio.AbstractEventLoop
-    try:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        loop = asyncio.new_event_loop()
-
-    async def make_app() -> web.Application:
-        app = build_app(settings)  # inside the loop: grpc.aio channels bind to it
-        tune_gc()
-        return app
-
-    def listening(_: str) -> None:
-        log.info("listening", host=settings.server.host, port=settings.server.port, pid=os.getpid())
-        if on_listening is not None:
-            on_listening()
-
-    web.run_app(
-        make_app(),
-        host=settings.server.host,
-        port=settings.server.port,
-        access_log=None,
-        shutdown_timeout=settings.server.shutdown_timeout_s,
-        reuse_port=reuse_port or None,
-        print=listening,
-        loop=loop,
     )

@@ -1,13 +1,16 @@
 """Opportunistic request coalescing: concurrent rows for one target share one backend call.
 
-Each backend call costs the gateway a fixed amount of CPU (grpc.aio call setup, its poller
-thread, the pool's bookkeeping) whatever its batch size. Under load, many single-row /v1
-requests for the same (model, version) are in flight at once; merging them amortises that cost.
+A layer of the request path (`infer(request, deadline)`), between the fallback ladder and
+the pool. Each backend call costs the gateway a fixed amount of CPU (grpc.aio call setup, its
+poller thread, the pool's bookkeeping) whatever its batch size. Under load, many single-row
+requests (/v1, or /v2 to a catalog model) for the same (model, version) are in flight at
+once; merging them amortises that cost. Only requests marked ``batchable`` (independent rows
+along dimension 0, one input) are merged; anything else passes straight through.
 
 Policy, per target: while fewer than ``max_in_flight_per_target`` calls are in flight, a call
 goes out at once (no added latency at low load). Otherwise its rows wait; when an in-flight
 call finishes, everything waiting (up to ``max_batch`` rows) goes out as ONE stacked call, and
-each caller gets the shared response plus the offset of its rows in it.
+each caller gets its own rows of the shared response (numpy views, no copies).
 
 Semantics kept per request:
 - deadlines: the merged call runs until the *latest* member deadline, and each member waits
@@ -24,19 +27,19 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from gateway.backends.base import InferResponse
-from gateway.catalog import ModelSchema
 from gateway.errors import DeadlineExceeded
-from gateway.resilience.deadline import Deadline
+from gateway.types import Deadline, InferRequest, InferResponse, Tensor
 
-#: One backend call for stacked rows: (schema, rows, request_id, deadline) -> response.
-RowCall = Callable[[ModelSchema, np.ndarray, str, Deadline], Awaitable[InferResponse]]
+
+class InferLayer(Protocol):
+    async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse: ...
 
 
 @dataclass(frozen=True)
@@ -51,65 +54,68 @@ class BatchingPolicy:
 
 @dataclass(eq=False, slots=True)
 class _Waiter:
-    rows: np.ndarray
-    request_id: str
+    request: InferRequest
     deadline: Deadline
     future: asyncio.Future[tuple[InferResponse, int]]
     context: contextvars.Context
 
+    @property
+    def rows(self) -> int:
+        return len(self.request.inputs[0].data)
+
 
 @dataclass(eq=False, slots=True)
 class _Lane:
-    schema: ModelSchema
     in_flight: int = 0
     waiting: deque[_Waiter] = field(default_factory=deque)
 
 
-class Coalescer:
-    """Per-target lanes in front of one backend call function (see module docstring)."""
+#: Requests that may share a call: same target, input name, dtype, row shape and outputs.
+_LaneKey = tuple[str, str, str, str, tuple[int, ...], tuple[str, ...]]
 
-    def __init__(self, policy: BatchingPolicy, call: RowCall) -> None:
+
+class Coalescer:
+    """Per-target lanes in front of the next layer (see module docstring)."""
+
+    def __init__(self, policy: BatchingPolicy, inner: InferLayer) -> None:
         self.policy = policy
-        self._call = call
-        self._lanes: dict[tuple[str, str], _Lane] = {}
+        self.inner = inner
+        self._lanes: dict[_LaneKey, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Backend calls made and rows they carried (merged calls only), for tests and stats.
+        #: Merged backend calls made and the rows they carried, for stats.
         self.merged_calls = 0
         self.merged_rows = 0
 
-    async def infer_rows(
-        self, schema: ModelSchema, rows: np.ndarray, request_id: str, deadline: Deadline
-    ) -> tuple[InferResponse, int]:
-        """The response holding these rows, and the index of the first of them in it."""
-        key = (schema.model, schema.version)
+    async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
+        if not self.policy.enabled or not request.batchable or len(request.inputs) != 1:
+            return await self.inner.infer(request, deadline)
+        t = request.inputs[0]
+        key = (request.model, request.version, t.name, t.datatype, t.data.shape[1:],
+               request.outputs)  # fmt: skip
         lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[key] = _Lane(schema)
-        if lane.in_flight < self.policy.max_in_flight_per_target or len(rows) > 1:
+            lane = self._lanes[key] = _Lane()
+        if lane.in_flight < self.policy.max_in_flight_per_target or len(t.data) > 1:
             lane.in_flight += 1  # a multi-row batch already is one call: never held back
             try:
-                return await self._call(schema, rows, request_id, deadline), 0
+                return await self.inner.infer(request, deadline)
             finally:
                 lane.in_flight -= 1
                 self._drain(lane)
         future: asyncio.Future[tuple[InferResponse, int]] = (
             asyncio.get_running_loop().create_future()
         )
-        lane.waiting.append(_Waiter(rows, request_id, deadline, future, contextvars.copy_context()))
+        lane.waiting.append(_Waiter(request, deadline, future, contextvars.copy_context()))
         left = deadline.check("backend call")
         try:
             async with asyncio.timeout(left):
-                return await future
+                resp, offset = await future
         except TimeoutError:
             raise DeadlineExceeded(
                 "deadline exceeded waiting for a merged backend call",
                 details={"step": "backend call"},
             ) from None
-
-    def waiting(self, model: str, version: str) -> int:
-        """Rows' callers waiting to be merged for this target (tests, admin views)."""
-        lane = self._lanes.get((model, version))
-        return sum(not w.future.done() for w in lane.waiting) if lane else 0
+        return _rows_of(resp, offset, len(t.data), request.request_id)
 
     def _drain(self, lane: _Lane) -> None:
         """Send what waits in this lane as merged calls while the lane has room."""
@@ -121,10 +127,10 @@ class Coalescer:
                 if w.future.done():  # cancelled or timed out while waiting
                     lane.waiting.popleft()
                     continue
-                if members and n + len(w.rows) > self.policy.max_batch:
+                if members and n + w.rows > self.policy.max_batch:
                     break
                 members.append(lane.waiting.popleft())
-                n += len(w.rows)
+                n += w.rows
             if not members:
                 return
             lane.in_flight += 1
@@ -138,14 +144,18 @@ class Coalescer:
 
     async def _merged(self, lane: _Lane, members: list[_Waiter]) -> None:
         try:
-            rows = (
-                members[0].rows if len(members) == 1 else np.concatenate([m.rows for m in members])
-            )
+            first = members[0].request
+            if len(members) == 1:
+                request = first
+            else:
+                t = first.inputs[0]
+                rows = np.concatenate([m.request.inputs[0].data for m in members])
+                request = dataclasses.replace(first, inputs=(Tensor(t.name, t.datatype, rows),))
             latest = max(members, key=lambda m: m.deadline.expires_at).deadline
             self.merged_calls += 1
-            self.merged_rows += len(rows)
+            self.merged_rows += sum(m.rows for m in members)
             try:
-                resp = await self._call(lane.schema, rows, members[0].request_id, latest)
+                resp = await self.inner.infer(request, latest)
             except asyncio.CancelledError:  # close(): the members are cancelled with it
                 for m in members:
                     m.future.cancel()
@@ -159,7 +169,7 @@ class Coalescer:
             for m in members:
                 if not m.future.done():
                     m.future.set_result((resp, offset))
-                offset += len(m.rows)
+                offset += m.rows
         finally:
             lane.in_flight -= 1
             self._drain(lane)
@@ -170,3 +180,12 @@ class Coalescer:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _rows_of(resp: InferResponse, offset: int, n: int, request_id: str) -> InferResponse:
+    """One member's rows of a merged response (views; outputs without a batch dim as is)."""
+    outputs = {
+        name: Tensor(name, t.datatype, t.data[offset : offset + n]) if t.data.ndim else t
+        for name, t in resp.outputs.items()
+    }
+    return dataclasses.replace(resp, outputs=outputs, request_id=request_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from gateway.backends.base import InferRequest
 from gateway.errors import ModelNotFound, ValidationFailed, VersionNotFound
-from gateway.tensors import Tensor
+from gateway.types import InferRequest, Tensor
 
+#: Outputs that hold one value per row by the repository's convention (model_repository/).
+SCALAR_OUTPUTS = frozenset({"score", "decision", "confidence"})
+_PRIORITY_LEVELS = re.compile(rb"priority_levels\s*:\s*(\d+)")
 _PLAIN_NUMBERS = frozenset({int, float})  # exact types: bool (an int subclass) is not one
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -32,16 +35,38 @@ class ModelSchema:
     features: tuple[str, ...]
     outputs: tuple[str, ...]
     probe: Mapping[str, Any] | None = None
+    #: Triton priority levels of the model's scheduler (0: none; priorities are not sent).
+    priority_levels: int = 0
 
-    def infer_request(self, rows: np.ndarray, request_id: str) -> InferRequest:
-        """The backend request for validated rows (shape (n, len(features))) of this version."""
+    def infer_request(self, rows: np.ndarray, request_id: str, **extra: Any) -> InferRequest:
+        """The backend request for validated rows (shape (n, len(features))) of this version:
+        rows are independent, so the coalescer may merge it with others."""
         return InferRequest(
             model=self.model,
             version=self.version,
             inputs=(Tensor(self.tensor, self.datatype, rows),),
             outputs=self.outputs,
             request_id=request_id,
+            batchable=True,
+            **extra,
         )
+
+    def fits(self, request: InferRequest) -> bool:
+        """Whether a tensor request holds rows of this schema (one input, (n, features))."""
+        if len(request.inputs) != 1:
+            return False
+        t = request.inputs[0]
+        return (
+            t.name == self.tensor
+            and t.datatype == self.datatype
+            and t.data.ndim == 2
+            and t.data.shape[1] == len(self.features)
+        )
+
+    @property
+    def scalar_outputs(self) -> bool:
+        """Every output is one value per row (what a static default answer can stand in for)."""
+        return bool(self.outputs) and set(self.outputs) <= SCALAR_OUTPUTS
 
     def vectorize(self, features: Any) -> np.ndarray:
         """Features by name (a mapping) or in schema order (a list) -> a float32 row."""
@@ -117,9 +142,13 @@ class ModelCatalog:
     @classmethod
     def load(cls, repository: Path) -> ModelCatalog:
         schemas = {}
+        levels: dict[str, int] = {}
         for manifest in sorted(repository.glob("*/*/manifest.json")):
             m = json.loads(manifest.read_text())
             s = m["input_schema"]
+            model = manifest.parent.parent.name
+            if model not in levels:
+                levels[model] = _priority_levels(manifest.parent.parent / "config.pbtxt")
             schema = ModelSchema(
                 model=manifest.parent.parent.name,
                 version=manifest.parent.name,
@@ -128,12 +157,16 @@ class ModelCatalog:
                 features=tuple(s["features"]),
                 outputs=tuple(m.get("outputs", ())),
                 probe=m.get("probe"),
+                priority_levels=levels[model],
             )
             schemas[(schema.model, schema.version)] = schema
         return cls(schemas)
 
     def models(self) -> set[str]:
         return {m for m, _ in self._schemas}
+
+    def find(self, model: str, version: str) -> ModelSchema | None:
+        return self._schemas.get((model, version))
 
     def versions(self, model: str) -> list[str]:
         return sorted((v for m, v in self._schemas if m == model), key=_version_key)
@@ -148,6 +181,14 @@ class ModelCatalog:
             f"model {model!r} has no version {version!r}",
             details={"model": model, "version": version, "available": self.versions(model)},
         )
+
+
+def _priority_levels(config: Path) -> int:
+    try:
+        found = _PRIORITY_LEVELS.search(config.read_bytes())
+    except OSError:
+        return 0
+    return int(found.group(1)) if found else 0
 
 
 def _version_key(v: str) -> tuple[int, str]:

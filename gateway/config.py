@@ -87,6 +87,8 @@ class RoutingSettings:
     model_repository: Path = Path("model_repository")
     default_deadline_ms: int = 1000
     max_deadline_ms: int = 30_000
+    #: A route's default deadline is its slo.deadline_ms, else this many times slo.p99_ms.
+    slo_deadline_factor: float = 2.0
     #: How often the routes directory is polled for edits (SIGHUP reloads at once).
     reload_interval_s: float = 0.5
     reload_on_sighup: bool = True
@@ -217,9 +219,17 @@ def load_settings(
         data = loaded
     for key, value in (os.environ if env is None else env).items():
         if key.startswith(ENV_PREFIX):
-            section, _, name = key[len(ENV_PREFIX) :].lower().partition("__")
+            # SECTION__KEY, or deeper (RESILIENCE__FALLBACK__LATENCY__P99_MS): one leaf
+            # changes and the rest of the file's mapping stays.
+            *parents, name = key[len(ENV_PREFIX) :].lower().split("__")
+            node = data
+            for part in parents:
+                child = node.get(part)
+                copy = dict(child) if isinstance(child, dict) else {}
+                node[part] = copy
+                node = copy
             # An empty value means an empty string (e.g. "no Redis"), not YAML null.
-            data.setdefault(section, {})[name] = yaml.safe_load(value) if value else ""
+            node[name] = yaml.safe_load(value) if value else ""
     for key, value in overrides.items():
         if value is None:
             continue

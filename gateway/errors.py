@@ -14,15 +14,27 @@ Foreign exceptions (grpc, tritonclient, redis) are translated at their boundary.
     │   ├── PayloadTooLarge              413 payload_too_large
     │   ├── ValidationFailed             422 invalid_features (code varies per field error)
     │   └── RateLimited                  429 rate_limited
-    ├── BackendError                     502 backend_error
+    ├── BackendError                     502 backend_error               [server, ladder]
     ├── ServiceUnavailable               503 unavailable (+ Retry-After)
-    │   ├── BackendUnavailable           503 backend_unavailable
-    │   ├── Overloaded                   503 overloaded
+    │   ├── BackendUnavailable           503 backend_unavailable         [retry, server, ladder]
+    │   │   ├── CircuitOpen              503 circuit_open                [ladder: breaker_open]
+    │   │   └── NoReadyServer            503 backend_unavailable     [ladder: no_ready_server]
+    │   ├── Overloaded                   503 overloaded (gateway sheds: the caller sees it)
+    │   │   └── BackendOverloaded        503 overloaded       [server, ladder: overloaded]
     │   ├── NotReady                     503 not_ready
     │   ├── FeatureStoreUnavailable      503 feature_store_unavailable
     │   ├── FeedbackUnavailable          503 feedback_store_unavailable
     │   └── StreamUnavailable            503 log_store_unavailable (internal: triggers spooling)
-    └── DeadlineExceeded                 504 deadline_exceeded
+    └── DeadlineExceeded                 504 deadline_exceeded  [ladder: deadline; server*]
+
+Traits, as class attributes, read by the layers instead of matching messages:
+- ``retryable``: the pool may try again, on another server when it has one [retry];
+- ``server_failure``: the breaker of the (server, model) that raised it counts a failure
+  [server]; a DeadlineExceeded counts only when the attempt had at least the timeout floor
+  (the route's SLO p99, or a configured minimum): a client's short deadline says nothing of
+  the server;
+- ``fallback_reason``: the fallback ladder answers instead, counted under this reason
+  [ladder]; None: the caller must see the error (bad input, the gateway shedding load).
 """
 
 from __future__ import annotations
@@ -33,6 +45,9 @@ from typing import Any, ClassVar
 class SwitchyardError(Exception):
     status: ClassVar[int] = 500
     default_code: ClassVar[str] = "internal_error"
+    retryable: ClassVar[bool] = False
+    server_failure: ClassVar[bool] = False
+    fallback_reason: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -103,6 +118,8 @@ class BackendError(SwitchyardError):
 
     status = 502
     default_code = "backend_error"
+    server_failure = True
+    fallback_reason = "error"
 
 
 class ServiceUnavailable(SwitchyardError):
@@ -114,10 +131,41 @@ class BackendUnavailable(ServiceUnavailable):
     """Connection refused, server gone, model not loaded: worth a retry elsewhere."""
 
     default_code = "backend_unavailable"
+    retryable = True
+    server_failure = True
+    fallback_reason = "error"
+
+
+class CircuitOpen(BackendUnavailable):
+    """The breaker for this (server, model) refuses calls; the caller goes to its fallback."""
+
+    default_code = "circuit_open"
+    retryable = False  # retrying an open breaker only spends the deadline
+    server_failure = False  # raised before any server was called
+    fallback_reason = "breaker_open"
+
+
+class NoReadyServer(BackendUnavailable):
+    """Every server that serves the model failed its health check: fail fast to fallback.
+    Clients see the same code as any unavailable backend."""
+
+    retryable = False
+    server_failure = False
+    fallback_reason = "no_ready_server"
 
 
 class Overloaded(ServiceUnavailable):
+    """The gateway sheds the call (admission): no capacity, say so to the caller."""
+
     default_code = "overloaded"
+
+
+class BackendOverloaded(Overloaded):
+    """The server said RESOURCE_EXHAUSTED (its queue is full): an overload signal from that
+    server, so its breaker counts it and the ladder may answer from elsewhere."""
+
+    server_failure = True
+    fallback_reason = "overloaded"
 
 
 class NotReady(ServiceUnavailable):
@@ -141,3 +189,5 @@ class StreamUnavailable(ServiceUnavailable):
 class DeadlineExceeded(SwitchyardError):
     status = 504
     default_code = "deadline_exceeded"
+    server_failure = True  # only when the attempt had the timeout floor (the pool checks)
+    fallback_reason = "deadline"

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import csv
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from cachetools import TTLCache
 from redis.exceptions import RedisError
 
 from gateway.clock import Clock, monotonic
@@ -43,7 +43,10 @@ class FeatureStore:
         self.cache_ttl_s = cache_ttl_s
         self.cache_size = cache_size
         self.clock = clock
-        self._cache: OrderedDict[str, tuple[float, Features]] = OrderedDict()
+        # LRU with one TTL for every entry, on the injected clock (cachetools).
+        self._cache: TTLCache[str, Features] = TTLCache(
+            maxsize=max(1, cache_size), ttl=max(cache_ttl_s, 1e-9), timer=clock
+        )
 
     def key(self, feature_set: str, entity_id: str) -> str:
         return f"{self.key_prefix}:{feature_set}:{entity_id}"
@@ -107,22 +110,11 @@ class FeatureStore:
         return [_decode(h, k) for h, k in zip(raw, keys, strict=True)]
 
     def _cached(self, key: str) -> Features | None:
-        hit = self._cache.get(key)
-        if hit is None:
-            return None
-        expires, values = hit
-        if self.clock() >= expires:
-            del self._cache[key]
-            return None
-        return values
+        return self._cache.get(key)  # an expired entry reads as a miss
 
     def _remember(self, key: str, values: Features) -> None:
-        if self.cache_ttl_s <= 0:
-            return
-        self._cache[key] = (self.clock() + self.cache_ttl_s, values)
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        if self.cache_ttl_s > 0 and self.cache_size > 0:
+            self._cache[key] = values
 
     def _count(self, ref: str, result: str) -> None:
         if self.metrics is not None:

@@ -1,11 +1,19 @@
-"""InferenceService: the protocol-independent predict pipeline (ARCHITECTURE section 2).
+"""InferenceService: the top layer of the request path, one core for every protocol.
 
-`/v1` (JSON predictions) and `/v2` (Open Inference Protocol) are thin adapters over it.
+`/v1` (JSON predictions), `/v2` (Open Inference Protocol over REST) and the OIP gRPC server
+are thin adapters over it. It plans each request (route table snapshot -> target and arm,
+features, the route's CallPolicy) and records what was answered (prediction log, metrics,
+shadow copies); everything in between is the stack below, one call shape all the way down:
+
+    Service -> FallbackLadder -> Coalescer -> Pool (admission, breaker, retry) -> Triton
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
+import math
 import random
 import time
 from collections import Counter
@@ -16,18 +24,25 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
-from gateway.backends.base import Backend, InferRequest, InferResponse
-from gateway.batching import BatchingPolicy, Coalescer
+from gateway.backends.base import Backend
+from gateway.batching import InferLayer
 from gateway.catalog import ModelCatalog, ModelSchema
 from gateway.clock import Clock, monotonic
-from gateway.errors import ClientError, DeadlineExceeded, NotReady, SwitchyardError
+from gateway.errors import (
+    ClientError,
+    DeadlineExceeded,
+    ModelNotFound,
+    NotReady,
+    SwitchyardError,
+    VersionNotFound,
+)
 from gateway.features import FeatureStore
 from gateway.metrics import Metrics
 from gateway.predlog.redaction import LogPolicies, LogPolicy
-from gateway.resilience.deadline import Deadline
-from gateway.resilience.fallback import FallbackLadder, reason_for
+from gateway.resilience.fallback import cache_keys
 from gateway.routing.shadow import Primary, ShadowDispatcher
-from gateway.routing.table import Route, RouteTableRef, Target
+from gateway.routing.table import Route, RouteTable, RouteTableRef
+from gateway.types import CallPolicy, Deadline, InferRequest, InferResponse, Target
 
 log = structlog.get_logger(__name__)
 
@@ -86,14 +101,15 @@ class Prediction:
 
 @dataclass(frozen=True, slots=True)
 class _Planned:
-    """One validated request, bound to the target that will answer it."""
+    """One validated /v1 request, bound to the target that will answer it."""
 
     request: PredictRequest
     route: Route
     target: Target
     arm: str
     row: np.ndarray
-    input_hash: str  # cache key of the response cache and field of the prediction log
+    input_hash: str  # field of the prediction log
+    deadline: Deadline  # the request's own (a batch's items each keep theirs)
 
 
 class InferenceService:
@@ -101,12 +117,13 @@ class InferenceService:
         self,
         *,
         routes: RouteTableRef,
-        catalog: ModelCatalog,
+        stack: InferLayer,
         backend: Backend,
         predlog: PredictionSink,
         metrics: Metrics,
         default_deadline_ms: int = 1000,
         max_deadline_ms: int = 30_000,
+        slo_deadline_factor: float = 2.0,
         control_timeout_s: float = 2.0,
         clock: Clock = monotonic,
         features: FeatureStore | None = None,
@@ -114,16 +131,15 @@ class InferenceService:
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         shadow: ShadowDispatcher | None = None,
-        fallback: FallbackLadder | None = None,
-        batching: BatchingPolicy | None = None,
     ) -> None:
-        self.routes = routes
-        self.catalog = catalog
-        self.backend = backend
+        self.routes = routes  # the live snapshot: route table and catalog, swapped as one
+        self.stack = stack  # the layer below: fallback ladder -> coalescer -> pool
+        self.backend = backend  # the pool, for the control plane (readiness, metadata)
         self.predlog = predlog
         self.metrics = metrics
         self.default_deadline_ms = default_deadline_ms
         self.max_deadline_ms = max_deadline_ms
+        self.slo_deadline_factor = slo_deadline_factor
         self.control_timeout_s = control_timeout_s
         self.clock = clock
         self.features = features  # online feature store; None: feature_refs answer 400
@@ -131,28 +147,73 @@ class InferenceService:
         self.wall = wall  # prediction log timestamps
         self.rng = rng or random.Random()  # random splits; tests inject a seeded one
         self.shadow = shadow
-        self.fallback = fallback  # None: no ladder, primary errors reach the caller
-        #: Merges concurrent single-row calls per target under load (gateway/batching.py).
-        self.coalescer = (
-            Coalescer(batching, self._call_rows) if batching and batching.enabled else None
-        )
         #: Requests per (model, arm) since start, for GET /admin/routes.
         self.arm_counts: Counter[tuple[str, str]] = Counter()
         #: Metric children of successful answers per (model, version, arm), built once.
         self._ok_metrics: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        #: The CallPolicy per (route file, target) of the current table, built once.
+        self._policies: dict[tuple[str, Target], CallPolicy] = {}
+        self._policies_of: RouteTable | None = None
+
+    @property
+    def catalog(self) -> ModelCatalog:
+        return self.routes.current.catalog
 
     # -- deadlines -------------------------------------------------------------------------
     def deadline_for(self, context: Mapping[str, Any], route: Route | None = None) -> Deadline:
+        """The request's own deadline_ms, else the route's default (its SLO), else the
+        global default; never more than max_deadline_ms."""
         ms = context.get("deadline_ms")
+        if ms is None and route is not None:
+            ms = route.deadline_ms(self.slo_deadline_factor)
         if ms is None:
-            ms = route.deadline_ms if route and route.deadline_ms else self.default_deadline_ms
-        return Deadline.after(min(ms, self.max_deadline_ms) / 1000.0, self.clock)
+            ms = self.default_deadline_ms
+        return Deadline.after(min(float(ms), self.max_deadline_ms) / 1000.0, self.clock)
+
+    # -- planning --------------------------------------------------------------------------
+    def _policy(self, table: RouteTable, route: Route, target: Target) -> CallPolicy:
+        """The route's policy as it applies to this target: the default rung only where
+        its outputs are scalars, the fallback model only where its schema fits."""
+        if self._policies_of is not table:
+            self._policies, self._policies_of = {}, table
+        key = (route.policy_version, target)
+        found = self._policies.get(key)
+        if found is None:
+            found = route.policy
+            schema = table.catalog.find(target.model, target.version)
+            if found.default is not None and (schema is None or not schema.scalar_outputs):
+                found = dataclasses.replace(found, default=None)
+            fb = found.fallback
+            fb_schema = table.catalog.find(fb.model, fb.version) if fb is not None else None
+            if fb is not None and (
+                schema is None or fb_schema is None or fb_schema.features != schema.features
+            ):
+                found = dataclasses.replace(found, fallback=None)
+            self._policies[key] = found
+        return found
+
+    def _priority(self, schema: ModelSchema | None, parameters: Mapping[str, Any]) -> int:
+        """The request's priority where the model's scheduler has levels (else 0: none)."""
+        value = parameters.get("priority")
+        if value is None or schema is None or not schema.priority_levels:
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ClientError(
+                "parameters.priority must be a non-negative integer",
+                code="invalid_parameter",
+                details={"parameter": "priority"},
+            )
+        return min(value, schema.priority_levels)
+
+    def _choose(
+        self, route: Route, entity_id: str | None, context: Mapping[str, Any]
+    ) -> tuple[Target, str]:
+        """The target and arm name that answer this request: segment, then split."""
+        target, arm = route.choose(entity_id, context, self.rng)
+        self.arm_counts[(route.name, arm)] += 1
+        return target, arm
 
     # -- /v1 predictions -------------------------------------------------------------------
-    # The pipeline is split into steps with one owner each: features (online store),
-    # choose (routing), answer (resilience: breakers, retries, fallback), after_answer (log,
-    # shadow traffic). predict_batch only sequences them.
-
     async def _features(self, req: PredictRequest, deadline: Deadline) -> Any:
         """Inline features, or feature_refs resolved from the online store (inline wins)."""
         if not req.feature_refs:
@@ -173,137 +234,35 @@ class InferenceService:
             )
         return {**resolved, **req.features}
 
-    def _choose(self, route: Route, req: PredictRequest) -> tuple[Target, str]:
-        """The target and arm name that answer this request: segment, then split."""
-        target, arm = route.choose(req.entity_id, req.context, self.rng)
-        self.arm_counts[(route.name, arm)] += 1
-        return target, arm
-
-    async def _plan(self, req: PredictRequest, deadline: Deadline) -> _Planned:
-        route = self.routes.current.get(req.model_name)
-        target, arm = self._choose(route, req)
-        schema = self.catalog.schema(target.model, target.version)
+    async def _plan(self, table: RouteTable, req: PredictRequest) -> _Planned:
+        route = table.get(req.model_name)
+        deadline = self.deadline_for(req.context, route)
+        target, arm = self._choose(route, req.entity_id, req.context)
+        schema = table.catalog.schema(target.model, target.version)
         # Inline features need no await: a coroutine per request costs more than the step.
         features = await self._features(req, deadline) if req.feature_refs else req.features
         row = schema.vectorize(features)
-        return _Planned(req, route, target, arm, row, input_hash(target, row))
-
-    async def _answer(
-        self, target: Target, group: list[_Planned], deadline: Deadline
-    ) -> list[Prediction]:
-        """One backend call for every request bound to this target; when the primary cannot
-        answer (breaker open, error after retries, out of time, too slow), the fallback
-        ladder does, and each answer names its rung and the version that produced it."""
-        schema = self.catalog.schema(target.model, target.version)
-        # One row (every /v1/predict): a (1, n) view; np.stack costs ~2 us of Python per call.
-        rows = group[0].row[np.newaxis] if len(group) == 1 else np.stack([p.row for p in group])
-        request_id = group[0].request.request_id
-        ladder = self.fallback
-        if ladder is None:
-            try:
-                resp, base = await self._infer_rows(schema, rows, request_id, deadline)
-            except SwitchyardError as exc:
-                self._count_failure(group, exc)
-                raise
-            return [self._prediction(p, resp, base + j) for j, p in enumerate(group)]
-
-        route = group[0].route
-        keys = [p.input_hash for p in group]
-        # Off for most routes: then no coroutine is built and awaited only to answer None.
-        hits = (
-            await ladder.cached_responses(route, keys, deadline)
-            if ladder.caches_responses(route)
-            else None
-        )
-        if hits is not None:  # response cache (deterministic models only, per route)
-            return [
-                self._cached_prediction(p, hit, None) for p, hit in zip(group, hits, strict=True)
-            ]
-        reason = ladder.skip_reason(route, target, deadline)
-        error: SwitchyardError | None = None  # built only when needed: the happy path raises none
-        if reason is None:
-            started = self.clock()
-            try:
-                primary_deadline = ladder.primary_deadline(route, deadline)
-                resp, base = await self._infer_rows(schema, rows, request_id, primary_deadline)
-            except SwitchyardError as exc:
-                if isinstance(exc, DeadlineExceeded):
-                    ladder.observe(target, self.clock() - started)
-                reason = reason_for(exc)
-                if reason is None:  # bad input or load shedding: the caller must see it
-                    self._count_failure(group, exc)
-                    raise
-                error = exc
-            else:
-                ladder.observe(target, self.clock() - started)
-                preds = [self._prediction(p, resp, base + j) for j, p in enumerate(group)]
-                ladder.remember(route, keys, [_cacheable(pred) for pred in preds])
-                return preds
-        rescue = await ladder.rescue(route, rows, keys, request_id, deadline, reason)
-        if rescue is None:
-            if error is None:  # the primary was skipped (deadline or latency trigger)
-                error = DeadlineExceeded("no time left for the primary")
-            self._count_failure(group, error)
-            raise error
-        if rescue.response is not None:
-            preds = [self._prediction(p, rescue.response, j) for j, p in enumerate(group)]
-            for pred in preds:
-                pred.fallback_used = rescue.rung
-            return preds
-        return [
-            self._cached_prediction(p, answer, rung)
-            for p, (rung, answer) in zip(group, rescue.answers, strict=True)
-        ]
-
-    def _count_failure(self, group: list[_Planned], exc: SwitchyardError) -> None:
-        self.metrics.requests.labels(group[0].request.model_name, exc.code).inc(len(group))
-
-    def _cached_prediction(
-        self, p: _Planned, answer: Mapping[str, Any], rung: str | None
-    ) -> Prediction:
-        return Prediction(
-            request_id=p.request.request_id,
-            model_name=p.request.model_name,
-            model_version=str(answer.get("version") or p.target.version),
-            policy_version=p.route.policy_version,
-            score=answer.get("score"),
-            decision=answer.get("decision"),
-            confidence=answer.get("confidence"),
-            outputs=dict(answer.get("outputs") or {}),
-            arm=p.arm,
-            fallback_used=rung,
-            served_by="default" if rung == "default" else p.target.model,
-        )
-
-    def _after_answer(self, planned: list[_Planned], preds: list[Prediction]) -> None:
-        """Runs once the answers are final: metrics and the prediction log."""
-        for p, pred in zip(planned, preds, strict=True):
-            self._record(p, pred)
-        if self.shadow is not None:
-            self._dispatch_shadows(planned, preds)
-
-    def _dispatch_shadows(self, planned: list[_Planned], preds: list[Prediction]) -> None:
-        """Fire-and-forget copies to the route's shadow targets (answers already final)."""
-        assert self.shadow is not None
-        for p, pred in zip(planned, preds, strict=True):
-            if p.route.shadows and pred.fallback_used is None:
-                self.shadow.dispatch(p.route.shadows, Primary(
-                    pred.request_id, pred.model_name, p.target, p.row, p.request.features,
-                    pred.score, pred.decision))  # fmt: skip
+        return _Planned(req, route, target, arm, row, input_hash(target, row), deadline)
 
     async def predict(self, req: PredictRequest) -> Prediction:
-        return (await self.predict_batch([req]))[0]
+        answer = (await self.predict_batch([req]))[0]
+        if isinstance(answer, SwitchyardError):
+            raise answer
+        return answer
 
-    async def predict_batch(self, reqs: Sequence[PredictRequest]) -> list[Prediction]:
-        """Validate everything first (bad input never reaches Triton), then one backend call
-        per target with the rows stacked, so a batch costs one round trip."""
+    async def predict_batch(
+        self, reqs: Sequence[PredictRequest]
+    ) -> list[Prediction | SwitchyardError]:
+        """Validate everything first (bad input never reaches Triton), then one call down
+        the stack per target with the rows stacked, so a batch costs one round trip. The
+        call runs until the latest deadline of its items; an item whose own deadline passed
+        gets its DeadlineExceeded in its place (in a batch: next to the others' answers)."""
         started = self.clock()
-        first_route = self.routes.current.get(reqs[0].model_name)
-        deadline = self.deadline_for(reqs[0].context, first_route)
+        table = self.routes.current
         planned = []
         for i, r in enumerate(reqs):
             try:
-                planned.append(await self._plan(r, deadline))
+                planned.append(await self._plan(table, r))
             except SwitchyardError as exc:
                 if len(reqs) > 1:
                     exc.details.setdefault("index", i)
@@ -311,33 +270,67 @@ class InferenceService:
         groups: dict[Target, list[int]] = {}
         for i, p in enumerate(planned):
             groups.setdefault(p.target, []).append(i)
-        results: list[Prediction | None] = [None] * len(planned)
-        for target, idx in groups.items():
-            answers = await self._answer(target, [planned[i] for i in idx], deadline)
-            for i, pred in zip(idx, answers, strict=True):
+        results: list[Prediction | SwitchyardError | None] = [None] * len(planned)
+
+        async def answer(target: Target, idx: list[int]) -> None:
+            group = [planned[i] for i in idx]
+            for i, pred in zip(idx, await self._answer(table, target, group), strict=True):
                 results[i] = pred
+
+        if len(groups) == 1:  # the common case: no task per group
+            await answer(*next(iter(groups.items())))
+        else:
+            await asyncio.gather(*(answer(t, idx) for t, idx in groups.items()))
         latency_ms = (self.clock() - started) * 1000.0
-        preds = [p for p in results if p is not None]
-        assert len(preds) == len(planned), "every planned request gets an answer"
-        for pred in preds:
-            pred.latency_ms = latency_ms
-        self._after_answer(planned, preds)
-        return preds
+        answers = [r for r in results if r is not None]
+        assert len(answers) == len(planned), "every planned request gets an answer"
+        for p, a in zip(planned, answers, strict=True):
+            if isinstance(a, Prediction):
+                a.latency_ms = latency_ms
+                self._record(p, a)
+                self._dispatch_shadow(p, a)
+            else:
+                self._count_failure(p.request.model_name, a, 1)
+        return answers
 
-    async def _infer_rows(
-        self, schema: ModelSchema, rows: np.ndarray, request_id: str, deadline: Deadline
-    ) -> tuple[InferResponse, int]:
-        """The response holding ``rows`` and the index of the first of them in it (not 0
-        when the coalescer merged this call with others for the same target)."""
-        if self.coalescer is not None:
-            return await self.coalescer.infer_rows(schema, rows, request_id, deadline)
-        return await self._call_rows(schema, rows, request_id, deadline), 0
+    async def _answer(
+        self, table: RouteTable, target: Target, group: list[_Planned]
+    ) -> list[Prediction | SwitchyardError]:
+        schema = table.catalog.schema(target.model, target.version)
+        # One row (every /v1/predict): a (1, n) view; np.stack costs ~2 us of Python per call.
+        rows = group[0].row[np.newaxis] if len(group) == 1 else np.stack([p.row for p in group])
+        first = group[0]
+        deadline = max((p.deadline for p in group), key=lambda d: d.expires_at)
+        request = schema.infer_request(
+            rows,
+            first.request.request_id,
+            policy=self._policy(table, first.route, target),
+            priority=self._priority(schema, first.request.context),
+        )
+        try:
+            resp = await self.stack.infer(request, deadline)
+        except SwitchyardError as exc:
+            self._count_failure(first.request.model_name, exc, len(group))
+            raise
+        out: list[Prediction | SwitchyardError] = []
+        for j, p in enumerate(group):
+            if len(group) > 1 and p.deadline.expired():
+                out.append(DeadlineExceeded(
+                    "deadline exceeded before the batch's answer",
+                    details={"request_id": p.request.request_id}))  # fmt: skip
+            else:
+                out.append(self._prediction(p, resp, j))
+        return out
 
-    async def _call_rows(
-        self, schema: ModelSchema, rows: np.ndarray, request_id: str, deadline: Deadline
-    ) -> InferResponse:
-        request = schema.infer_request(rows, request_id)
-        return await self.backend.infer(request, deadline.check("backend call"))
+    def _count_failure(self, model: str, exc: SwitchyardError, n: int) -> None:
+        self.metrics.requests.labels(model, exc.code).inc(n)
+
+    def _dispatch_shadow(self, p: _Planned, pred: Prediction) -> None:
+        """Fire-and-forget copies to the route's shadow targets (answers already final)."""
+        if self.shadow is not None and p.route.shadows and pred.fallback_used is None:
+            self.shadow.dispatch(p.route.shadows, Primary(
+                pred.request_id, pred.model_name, p.target, p.row, p.request.features,
+                pred.score, pred.decision))  # fmt: skip
 
     def _prediction(self, p: _Planned, resp: InferResponse, row: int) -> Prediction:
         values: dict[str, Any] = {}
@@ -348,6 +341,7 @@ class InferenceService:
             else:
                 values[name] = v.tolist()
         scalars = {k: _first(values.pop(k)) for k in _SCALAR_OUTPUTS if k in values}
+        rung = resp.fallback_used
         return Prediction(
             request_id=p.request.request_id,
             model_name=p.request.model_name,
@@ -358,19 +352,12 @@ class InferenceService:
             confidence=scalars.get("confidence"),
             outputs=values,
             arm=p.arm,
+            fallback_used=rung,
             served_by=resp.model or p.target.model,
         )
 
     def _record(self, p: _Planned, pred: Prediction) -> None:
-        key = (pred.model_name, pred.model_version, pred.arm)
-        children = self._ok_metrics.get(key)
-        if children is None:  # .labels() validates and locks on every call: once per key
-            children = self._ok_metrics[key] = (
-                self.metrics.latency.labels(*key),
-                self.metrics.requests.labels(pred.model_name, "ok"),
-            )
-        children[0].observe(pred.latency_ms / 1000.0)
-        children[1].inc()
+        self._count_ok(pred.model_name, pred.model_version, pred.arm, pred.latency_ms)
         # Redaction and sampling happen here, before the entry leaves the process; record()
         # only enqueues, so the request never waits on the log.
         policy = self.log_policies.for_model(pred.model_name)
@@ -388,6 +375,7 @@ class InferenceService:
             "fallback_used": pred.fallback_used,
             "latency_ms": round(pred.latency_ms, 3),
             "ts": self.wall(),
+            "protocol": "v1",
         }  # fmt: skip
         if policy.sampled(self.log_policies.rand):
             names = self.catalog.schema(p.target.model, p.target.version).features
@@ -397,19 +385,139 @@ class InferenceService:
             }
         self.predlog.record(policy.apply(entry))
 
-    # -- /v2 tensors -----------------------------------------------------------------------
+    def _count_ok(self, model: str, version: str, arm: str, latency_ms: float) -> None:
+        key = (model, version, arm)
+        children = self._ok_metrics.get(key)
+        if children is None:  # .labels() validates and locks on every call: once per key
+            children = self._ok_metrics[key] = (
+                self.metrics.latency.labels(*key),
+                self.metrics.requests.labels(model, "ok"),
+            )
+        children[0].observe(latency_ms / 1000.0)
+        children[1].inc()
+
+    # -- tensors (/v2 REST and gRPC) -------------------------------------------------------
     def resolve_version(self, model: str, version: str) -> str:
-        """An unversioned OIP call to a routed model goes to the route's champion, so OIP and
-        /v1 clients see the same rollout; explicit versions are honoured as asked."""
+        """The version an unversioned call would get without an entity: the champion's."""
         if version:
             return version
         route = self.routes.current.routes.get(model)
-        if route is not None and route.champion.model == model:
-            return route.champion.version
-        return ""
+        return route.champion.version if route is not None else ""
 
     async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
-        return await self.backend.infer(request, deadline.check("backend call"))
+        """An OIP tensor request through the same core as /v1: an unversioned call to a
+        routed model takes the route (split sticky on parameters.entity_id, segment from
+        parameters.segment, shadow copies, the fallback ladder); an explicit version skips
+        the split; a model without a route goes straight down the stack. Every answer is
+        logged once and counted. An unknown model or version is a 404 here, before any
+        per-model state (breakers, metric series) exists for it."""
+        started = self.clock()
+        table = self.routes.current
+        params = request.parameters
+        entity = params.get("entity_id")
+        entity_id = None if entity is None else str(entity)
+        route = table.routes.get(request.model)
+        if route is not None and not request.version:
+            context = {"segment": params["segment"]} if "segment" in params else {}
+            target, arm = self._choose(route, entity_id, context)
+        else:
+            target = self._known(table, route, request)
+            arm = "explicit" if route is not None else "direct"
+        schema = table.catalog.find(target.model, target.version) if target.version else None
+        policy = self._policy(table, route, target) if route is not None else None
+        planned = dataclasses.replace(
+            request,
+            model=target.model,
+            version=target.version,
+            policy=policy,
+            priority=self._priority(schema, params),
+            batchable=schema is not None and schema.fits(request),
+        )
+        name = route.name if route is not None else request.model
+        try:
+            resp = await self.stack.infer(planned, deadline)
+        except SwitchyardError as exc:
+            self._count_failure(name, exc, 1)
+            raise
+        latency_ms = (self.clock() - started) * 1000.0
+        version = resp.version or target.version
+        policy_version = route.policy_version if route is not None else ""
+        self._count_ok(name, version, arm, latency_ms)
+        self._record_tensors(
+            planned, resp, name, version, arm, policy_version, entity_id, latency_ms
+        )
+        if route is not None and route.shadows and resp.fallback_used is None:
+            self._shadow_tensors(route, planned, resp, name, target)
+        parameters = {"request_id": request.request_id, "policy_version": policy_version or None,
+                      "fallback_used": resp.fallback_used}  # fmt: skip
+        return dataclasses.replace(
+            resp,
+            model=request.model if route is not None else resp.model,
+            version=version,
+            request_id=request.request_id,
+            parameters={k: v for k, v in parameters.items() if v is not None},
+        )
+
+    def _known(self, table: RouteTable, route: Route | None, request: InferRequest) -> Target:
+        """The target of a call that names its model (and maybe version) outright."""
+        model = request.model
+        if route is not None and model not in table.catalog.models():
+            model = route.champion.model  # a route name over a differently named model
+        if model not in table.catalog.models():
+            raise ModelNotFound(
+                f"unknown model {request.model!r}", details={"model": request.model}
+            )
+        if request.version and table.catalog.find(model, request.version) is None:
+            raise VersionNotFound(
+                f"model {request.model!r} has no version {request.version!r}",
+                details={"model": request.model, "version": request.version,
+                         "available": table.catalog.versions(model)},
+            )  # fmt: skip
+        return Target(model, request.version)
+
+    def _record_tensors(
+        self,
+        request: InferRequest,
+        resp: InferResponse,
+        name: str,
+        version: str,
+        arm: str,
+        policy_version: str,
+        entity_id: str | None,
+        latency_ms: float,
+    ) -> None:
+        """One prediction-log entry per tensor request, in the /v1 schema (+ protocol)."""
+        output = {k: _scalar(resp.outputs.get(k)) for k in _SCALAR_OUTPUTS}
+        entry: dict[str, Any] = {
+            "request_id": request.request_id,
+            "entity_id": entity_id,
+            "model": name,
+            "target": resp.model or request.model,
+            "version": version,
+            "policy_version": policy_version,
+            "arm": arm,
+            "input_hash": cache_keys(dataclasses.replace(request, batchable=False))[0],
+            "output": output,
+            "fallback_used": resp.fallback_used,
+            "latency_ms": round(latency_ms, 3),
+            "ts": self.wall(),
+            "protocol": "v2",
+        }
+        self.predlog.record(self.log_policies.for_model(name).apply(entry))
+
+    def _shadow_tensors(
+        self, route: Route, request: InferRequest, resp: InferResponse, name: str, target: Target
+    ) -> None:
+        """Shadow copies of a tensor request: per request of one row of the catalog's schema
+        (what the shadow dispatcher compares); other shapes are not shadowed."""
+        if self.shadow is None or not request.batchable or len(request.inputs[0].data) != 1:
+            return
+        score, decision = _scalar(resp.outputs.get("score")), _scalar(resp.outputs.get("decision"))
+        row = request.inputs[0].data[0]
+        self.shadow.dispatch(route.shadows, Primary(
+            request.request_id, name, target, row, row.tolist(),
+            None if score is None else float(score),
+            None if decision is None else str(decision)))  # fmt: skip
 
     # -- readiness -------------------------------------------------------------------------
     async def ready(self) -> dict[str, bool]:
@@ -428,17 +536,6 @@ class InferenceService:
         return states
 
 
-def _cacheable(pred: Prediction) -> dict[str, Any]:
-    """What the cache keeps of an answer: enough to answer again, naming its version."""
-    return {
-        "version": pred.model_version,
-        "score": pred.score,
-        "decision": pred.decision,
-        "confidence": pred.confidence,
-        "outputs": pred.outputs,
-    }
-
-
 def input_hash(target: Target, row: np.ndarray) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(str(target).encode())
@@ -448,3 +545,14 @@ def input_hash(target: Target, row: np.ndarray) -> str:
 
 def _first(v: Any) -> Any:
     return v[0] if isinstance(v, list) and len(v) == 1 else v
+
+
+def _scalar(t: Any) -> Any:
+    """The first value of a scalar output (the log's summary of a tensor answer)."""
+    if t is None or t.data.size == 0:
+        return None
+    v = t.data.ravel()[0]
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
+    v = v.item() if hasattr(v, "item") else v
+    return v if not isinstance(v, float) or math.isfinite(v) else None

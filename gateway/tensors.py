@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
 
 import numpy as np
 
 from gateway.errors import ClientError
+from gateway.types import Tensor
+
+__all__ = ["Tensor", "from_bytes", "numpy_dtype", "to_bytes", "triton_datatype"]
 
 _TO_NUMPY: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -27,19 +29,6 @@ _TO_NUMPY: dict[str, np.dtype] = {
     "BYTES": np.dtype(np.object_),
 }
 _FROM_NUMPY = {v.str if v.kind != "O" else "O": k for k, v in _TO_NUMPY.items()}
-
-
-@dataclass(frozen=True, slots=True)
-class Tensor:
-    """A named array with its Triton datatype; BYTES tensors hold numpy object arrays of bytes."""
-
-    name: str
-    datatype: str
-    data: np.ndarray
-
-    @property
-    def shape(self) -> list[int]:
-        return list(self.data.shape)
 
 
 def numpy_dtype(datatype: str) -> np.dtype:

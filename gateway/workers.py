@@ -44,7 +44,7 @@ _RESTART_PAUSE_S = 1.0
 
 def run_worker(settings: Settings, ready: multiprocessing.synchronize.Event) -> None:
     """Entry point of one worker process (spawned, so it imports everything afresh)."""
-    from gateway.app import serve_one
+    from gateway.serving import serve_one
 
     # Own session: a terminal's Ctrl-C reaches only the parent, which forwards one SIGTERM
     # (a second signal would cut the worker's drain short). Die with the parent, too.

@@ -8,19 +8,11 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gateway.stats import percentile
+
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of already sorted values (q in [0, 1]): the smallest value with
-    at least q of the samples at or below it. Never interpolates, so p99.9 of 1,000 samples is
-    the largest one rather than an invented number between two real ones."""
-    if not sorted_values:
-        return math.nan
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"quantile {q} is outside [0, 1]")
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[rank - 1]
+__all__ = ["QUANTILES", "Summary", "percentile"]
 
 
 @dataclass(frozen=True)

@@ -5,23 +5,25 @@ extension (`Inference-Header-Content-Length`) are both supported, in requests an
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 import orjson
 from aiohttp import web
 
-from gateway.api.keys import LOG_FIELDS, SERVICE, SETTINGS
+from gateway.api.keys import LOG_FIELDS, REQUEST_ID, SERVICE, SETTINGS
 from gateway.api.middleware import json_response
 from gateway.api.schemas import read_json
-from gateway.backends.base import InferRequest, InferResponse
 from gateway.errors import ClientError, MalformedJSON, NotReady, SwitchyardError
 from gateway.tensors import Tensor, from_bytes, numpy_dtype, to_bytes
+from gateway.types import InferRequest, InferResponse
 
 routes = web.RouteTableDef()
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DEADLINE_HEADER = "X-Deadline-Ms"
+ENTITY_HEADER = "X-Entity-ID"
 
 
 def _model_and_version(request: web.Request) -> tuple[str, str]:
@@ -88,15 +90,21 @@ async def infer(request: web.Request) -> web.Response:
     header, binary = await _read_infer_body(request, settings.server.max_body_bytes)
     inputs = _parse_inputs(header, binary)
     wanted, binary_out = _parse_outputs(header)
-    request_id = str(header.get("id", ""))
+    client_id = str(header.get("id", ""))
+    request_id = client_id or request[REQUEST_ID]  # every logged prediction has an id
     deadline_ms = request.headers.get(DEADLINE_HEADER)
     context = {"deadline_ms": float(deadline_ms)} if deadline_ms else {}
-    resolved = service.resolve_version(model, version)
-    request[LOG_FIELDS].update(model=model, version=resolved or "latest")
+    parameters = dict(header.get("parameters") or {})
+    if ENTITY_HEADER in request.headers:
+        parameters.setdefault("entity_id", request.headers[ENTITY_HEADER])
+    request[LOG_FIELDS]["model"] = model
     resp = await service.infer(
-        InferRequest(model, resolved, tuple(inputs), tuple(wanted), request_id),
-        service.deadline_for(context),
+        InferRequest(model, version, tuple(inputs), tuple(wanted), request_id, parameters),
+        service.deadline_for(context, service.routes.current.routes.get(model)),
     )
+    request[LOG_FIELDS].update(version=resp.version, fallback=resp.fallback_used)
+    if not client_id:  # like Triton, echo "id" only when the client sent one
+        resp = dataclasses.replace(resp, request_id="")
     return _infer_response(resp, wanted, binary_out)
 
 
@@ -197,6 +205,8 @@ def _infer_response(
     }
     if resp.request_id:
         body["id"] = resp.request_id
+    if resp.parameters:
+        body["parameters"] = dict(resp.parameters)
     head = orjson.dumps(body)
     if not chunks:
         return web.Response(body=head, content_type="application/json")

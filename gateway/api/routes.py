@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gateway.api.keys import LOG_FIELDS, METRICS, REQUEST_ID, SERVICE, SETTINGS
 from gateway.api.middleware import json_response
 from gateway.api.schemas import parse_batch, parse_predict, read_json
+from gateway.errors import SwitchyardError
 
 routes = web.RouteTableDef()
 
@@ -37,8 +38,18 @@ async def predict_batch(request: web.Request) -> web.Response:
     body = await read_json(request, settings.server.max_body_bytes)
     reqs = parse_batch(body, settings.server.max_batch_items, settings.routing.max_deadline_ms)
     request[LOG_FIELDS].update(model=reqs[0].model_name, batch=len(reqs))
-    preds = await request.app[SERVICE].predict_batch(reqs)
-    return json_response({"predictions": [p.to_dict() for p in preds]})
+    answers = await request.app[SERVICE].predict_batch(reqs)
+    # An item whose own deadline ran out gets its error in its place; the others stand.
+    return json_response(
+        {
+            "predictions": [
+                {"request_id": r.request_id, **a.to_dict(r.request_id)}
+                if isinstance(a, SwitchyardError)
+                else a.to_dict()
+                for r, a in zip(reqs, answers, strict=True)
+            ]
+        }
+    )
 
 
 @routes.get("/healthz")

@@ -3,43 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from gateway.tensors import Tensor
+from gateway.types import Deadline, InferRequest, InferResponse
 
-
-@dataclass(frozen=True, slots=True)
-class InferRequest:
-    model: str
-    version: str  # "" lets the server pick (its version policy's latest)
-    inputs: tuple[Tensor, ...]
-    outputs: tuple[str, ...] = ()  # empty: every output of the model
-    request_id: str = ""
-    parameters: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class InferResponse:
-    model: str
-    version: str
-    outputs: Mapping[str, Tensor]
-    request_id: str = ""
-    #: What the gateway adds to an OIP response's ``parameters``: policy_version,
-    #: fallback_used, request_id. Empty straight from a backend.
-    parameters: Mapping[str, Any] = field(default_factory=dict)
+__all__ = ["Backend", "InferRequest", "InferResponse", "ModelControl"]
 
 
 class Backend(Protocol):
-    """A model server. Every call takes a timeout: nothing the gateway awaits is unbounded.
+    """A model server: the bottom layer of the request path, with its one call shape.
 
+    ``infer`` spends from the request's Deadline (the server is told the time left, too);
+    control-plane calls take a plain timeout. Nothing the gateway awaits is unbounded.
     Implementations raise only `gateway.errors` exceptions: BackendUnavailable (retryable),
-    DeadlineExceeded, ModelNotFound/VersionNotFound, ClientError, BackendError.
+    BackendOverloaded, DeadlineExceeded, ModelNotFound/VersionNotFound, ClientError,
+    BackendError.
     """
 
     name: str
 
-    async def infer(self, request: InferRequest, timeout_s: float) -> InferResponse: ...
+    async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse: ...
 
     async def server_live(self, timeout_s: float) -> bool: ...
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import errors
-from gateway.backends.base import InferRequest, InferResponse
-from gateway.tensors import Tensor
+from gateway.types import Deadline, InferRequest, InferResponse, Tensor
 
 ModelFn = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 
@@ -37,6 +36,7 @@ class FakeBackend:
         self.calls: list[InferRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.cancelled = 0  # infer calls cancelled while in flight (client disconnects)
         self.broken: set[tuple[str, str]] = set()  # (model, version) that fail to load
         self.loads: list[tuple[str, Mapping[str, Any] | None]] = []
 
@@ -57,17 +57,20 @@ class FakeBackend:
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
 
-    async def infer(self, request: InferRequest, timeout_s: float) -> InferResponse:
+    async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
         self.calls.append(request)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            await self._behave(timeout_s)
+            await self._behave(deadline.check("backend call"))
             m = self._model(request.model, request.version)
             out = m.fn({t.name: t for t in request.inputs})
             if request.outputs:
                 out = {k: v for k, v in out.items() if k in request.outputs}
             return InferResponse(m.name, request.version or m.versions[-1], out, request.request_id)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         finally:
             self.in_flight -= 1
 

@@ -17,29 +17,24 @@ from typing import Any
 
 import structlog
 
-from gateway.backends.base import Backend, InferRequest, InferResponse, ModelControl
+from gateway.backends.base import Backend, ModelControl
 from gateway.clock import Clock, monotonic
-from gateway.errors import BackendError, BackendUnavailable, DeadlineExceeded, SwitchyardError
+from gateway.errors import (
+    BackendUnavailable,
+    CircuitOpen,
+    DeadlineExceeded,
+    NoReadyServer,
+    SwitchyardError,
+)
 from gateway.metrics import Metrics
 from gateway.resilience.admission import Admission, AdmissionLimits
-from gateway.resilience.breaker import (
-    BreakerPolicy,
-    BreakerState,
-    CircuitBreaker,
-    CircuitOpen,
-    Permit,
-)
-from gateway.resilience.deadline import Deadline
+from gateway.resilience.breaker import BreakerPolicy, BreakerState, CircuitBreaker, Permit
 from gateway.resilience.retry import Retrier, RetryBudget, RetryPolicy
+from gateway.types import Deadline, InferRequest, InferResponse
 
 log = structlog.get_logger(__name__)
 
-
-class NoReadyServer(BackendUnavailable):
-    """Every server that serves the model failed its health check: fail fast to fallback.
-    Clients see the same code as any unavailable backend."""
-
-    retryable = False
+__all__ = ["BackendPool", "NoReadyServer", "PoolMember"]
 
 
 @dataclass(eq=False)
@@ -89,8 +84,7 @@ class BackendPool:
         self.admission = Admission(admission or AdmissionLimits(), on_shed=self._on_shed)
 
     # -- inference -------------------------------------------------------------------------
-    async def infer(self, request: InferRequest, timeout_s: float) -> InferResponse:
-        deadline = Deadline.after(timeout_s, self.clock)
+    async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
         tried: set[str] = set()
 
         async def attempt(_: int) -> InferResponse:
@@ -124,6 +118,11 @@ class BackendPool:
             details={"model": model, "servers": [m.name for m in ready]},
         )
 
+    def _timeout_floor_s(self, request: InferRequest) -> float:
+        """The least time an attempt must have had for its timeout to blame the server."""
+        p99_ms = request.policy.p99_ms if request.policy is not None else None
+        return max(self.breaker_policy.min_timeout_floor_s, (p99_ms or 0.0) / 1000.0)
+
     async def _call(
         self,
         member: PoolMember,
@@ -141,15 +140,20 @@ class BackendPool:
                 await admission.acquire(member.name, deadline)
             try:
                 started = self.clock()
+                budget_s = deadline.check("backend call")
                 try:
-                    resp = await member.backend.infer(request, deadline.check("backend call"))
-                except (BackendUnavailable, BackendError, DeadlineExceeded):
-                    breaker.record_failure(permit)  # timeouts too: a hung server must trip it
-                    outcome_recorded = True
-                    raise
-                except SwitchyardError:
-                    breaker.record_success(permit, self.clock() - started)  # the caller's fault
-                    outcome_recorded = True
+                    resp = await member.backend.infer(request, deadline)
+                except SwitchyardError as exc:
+                    # A hung server must trip its breaker, but a timeout of an attempt given
+                    # less than the floor is the client's short deadline: it says nothing.
+                    # Errors caused by the input (INVALID_ARGUMENT, not found) say nothing
+                    # either; neither counts as a success.
+                    if exc.server_failure and (
+                        not isinstance(exc, DeadlineExceeded)
+                        or budget_s >= self._timeout_floor_s(request)
+                    ):
+                        breaker.record_failure(permit)
+                        outcome_recorded = True
                     raise
                 breaker.record_success(permit, self.clock() - started)
                 outcome_recorded = True

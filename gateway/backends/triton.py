@@ -18,8 +18,8 @@ from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway import errors
-from gateway.backends.base import InferRequest, InferResponse
 from gateway.tensors import from_bytes, to_bytes
+from gateway.types import Deadline, InferRequest, InferResponse
 
 _MAX_MESSAGE = 2**31 - 1
 _INT64_TYPES = {
@@ -46,7 +46,7 @@ def map_grpc_errors(server: str, model: str = "") -> Iterator[None]:
                 f"backend unavailable: {detail}", details=where
             ) from exc
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            raise errors.Overloaded(f"backend overloaded: {detail}", details=where) from exc
+            raise errors.BackendOverloaded(f"backend overloaded: {detail}", details=where) from exc
         if code == grpc.StatusCode.NOT_FOUND or "unknown model" in detail:
             raise errors.ModelNotFound(detail, details=where) from exc
         if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -115,10 +115,16 @@ class TritonBackend:
         )
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
-    async def infer(self, request: InferRequest, timeout_s: float) -> InferResponse:
+    async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
+        timeout_s = deadline.check("backend call")
         msg = service_pb2.ModelInferRequest(
             model_name=request.model, model_version=request.version, id=request.request_id
         )
+        # Triton gets the time left too (microseconds), so a request that can no longer be
+        # answered in time is dropped from its queue instead of computed for nobody.
+        msg.parameters["timeout"].int64_param = max(1, int(timeout_s * 1e6))
+        if request.priority > 0:
+            msg.parameters["priority"].uint64_param = request.priority
         for t in request.inputs:
             spec = msg.inputs.add()
             spec.name, spec.datatype = t.name, t.datatype

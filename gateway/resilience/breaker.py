@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from gateway.clock import Clock, monotonic
-from gateway.errors import BackendUnavailable
+from gateway.errors import CircuitOpen
+
+__all__ = ["BreakerPolicy", "BreakerState", "CircuitBreaker", "CircuitOpen", "Permit"]
 
 
 class BreakerState(IntEnum):
@@ -28,13 +30,6 @@ class BreakerState(IntEnum):
     CLOSED = 0
     HALF_OPEN = 1
     OPEN = 2
-
-
-class CircuitOpen(BackendUnavailable):
-    """The breaker for this (server, model) refuses calls; the caller goes to its fallback."""
-
-    default_code = "circuit_open"
-    retryable = False  # retrying an open breaker only spends the deadline
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +65,10 @@ class BreakerPolicy:
     open_s: float = 2.0  # fail fast this long before probing
     half_open_probes: int = 3  # probes in flight at once; this many successes close it
     slow_call_s: float = 1.0  # a success slower than this is recorded as a failure
+    #: A timeout counts as a failure only if the attempt had at least this long (or the
+    #: route's SLO p99, when larger): a client's own short deadline must not open a breaker
+    #: that every client shares.
+    min_timeout_floor_s: float = 0.05
 
     def trips(self, stats: WindowStats) -> bool:
         if stats.consecutive_failures >= self.consecutive_failures:

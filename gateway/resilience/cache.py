@@ -9,12 +9,12 @@ writes to Redis happen in batches off the request path.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 import structlog
+from cachetools import TLRUCache
 from redis.exceptions import RedisError
 
 from gateway.clock import Clock, monotonic
@@ -40,7 +40,11 @@ class PredictionCache:
         self.key_prefix = key_prefix
         self.clock = clock
         self.max_pending_writes = max_pending_writes
-        self._lru: OrderedDict[str, tuple[float, CachedAnswer]] = OrderedDict()
+        # Least recently used first out, each entry with its own TTL (cachetools: the
+        # (ttl, answer) value's ttl sets its expiry at insertion, on the injected clock).
+        self._lru: TLRUCache[str, tuple[float, CachedAnswer]] = TLRUCache(
+            maxsize=max_entries, ttu=lambda _key, entry, now: now + entry[0], timer=clock
+        )
         self._pending: dict[str, tuple[float, CachedAnswer]] = {}
         self._redis: Any = None
         self._redis_down_logged = False
@@ -57,13 +61,9 @@ class PredictionCache:
     # -- reads -----------------------------------------------------------------------------
     async def get(self, key: str, timeout_s: float) -> CachedAnswer | None:
         """The cached answer, or None on a miss, an expired entry or an unreachable Redis."""
-        hit = self._lru.get(key)
+        hit = self._lru.get(key)  # an expired entry reads as a miss
         if hit is not None:
-            expires, value = hit
-            if expires > self.clock():
-                self._lru.move_to_end(key)
-                return value
-            del self._lru[key]
+            return hit[1]
         if self._redis is None or timeout_s <= 0:
             return None
         try:
@@ -82,11 +82,9 @@ class PredictionCache:
         """Store in the LRU now; queue for Redis (written by `flush`)."""
         if ttl_s <= 0:
             return
-        entry = (self.clock() + ttl_s, dict(value))
-        self._lru[key] = entry
-        self._lru.move_to_end(key)
-        while len(self._lru) > self.max_entries:
-            self._lru.popitem(last=False)
+        value = dict(value)
+        self._lru[key] = (ttl_s, value)
+        entry = (self.clock() + ttl_s, value)
         if self._redis is not None and len(self._pending) < self.max_pending_writes:
             self._pending[key] = entry
 

@@ -4,10 +4,14 @@
     (b) cache           the last answer for the same input hash (LRU + Redis, TTL per route)
     (c) default         the route's static answer
 
-Triggers (the `reason` label of `fallback_total`): ``breaker_open`` / ``no_ready_server``
-(fail fast), ``error`` (failed after retries), ``deadline`` (primary ran out of time, or too
-little was left to try it), ``latency`` (the primary's p99 is over the route's threshold;
-only a trickle of probe requests goes to the primary until it recovers).
+A layer of the request path, `infer(request, deadline)`, above the coalescer. The route's
+ladder rides on the request (`CallPolicy`); the trigger is the primary error's class trait
+`fallback_reason` (the `reason` label of `fallback_total`): ``breaker_open`` /
+``no_ready_server`` (fail fast), ``error`` (failed after retries), ``overloaded`` (the server
+said RESOURCE_EXHAUSTED), ``deadline`` (primary ran out of time, or too little was left to
+try it), ``latency`` (the primary's p99 is over the route's ``slo.p99_ms``; only a trickle of
+probe requests goes to the primary until it recovers). The default rung answers only
+requests of independent rows whose outputs are scalars (the service decides at plan time).
 
 Part of each request's deadline is held back from the primary so the ladder has time to run.
 """
@@ -16,45 +20,43 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
 
-from gateway.backends.base import Backend, InferResponse
-from gateway.catalog import ModelCatalog
 from gateway.clock import Clock, monotonic
-from gateway.errors import (
-    BackendError,
-    BackendUnavailable,
-    DeadlineExceeded,
-    SwitchyardError,
-)
+from gateway.errors import DeadlineExceeded, SwitchyardError
 from gateway.metrics import Metrics
-from gateway.resilience.breaker import CircuitOpen
 from gateway.resilience.cache import CachedAnswer, PredictionCache
-from gateway.resilience.deadline import Deadline
-from gateway.routing.table import Route, Target
+from gateway.stats import p99
+from gateway.tensors import numpy_dtype, to_bytes
+from gateway.types import CallPolicy, Deadline, InferRequest, InferResponse, Target, Tensor
 
 log = structlog.get_logger(__name__)
+
+
+class InferLayer(Protocol):
+    async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse: ...
+
 
 RUNGS = ("fallback_model", "cache", "default")
 #: model_version reported when the route's static default answers: no model produced it.
 DEFAULT_VERSION = "default"
-_SCALARS = ("score", "decision", "confidence")
 
 
 @dataclass(frozen=True)
 class LatencyTriggerPolicy:
-    p99_ms: float = 300.0  # threshold for routes not in route_p99_ms
+    p99_ms: float = 300.0  # threshold for routes whose file sets no slo.p99_ms
+    slo_multiplier: float = 1.0  # trip when the primary's p99 passes this x the route's SLO
     window_s: float = 30.0
     min_samples: int = 20  # fewer samples in the window never trip it
     probe_every_s: float = 0.5  # while tripped, one request per this goes to the primary
     max_samples: int = 10_000
-    route_p99_ms: Mapping[str, float] = field(default_factory=dict)  # per-route thresholds
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,6 @@ class FallbackPolicy:
     min_primary_s: float = 0.005  # less left than this: skip the primary ("deadline")
     warm_interval_s: float = 5.0  # period of the fallback models' warm-up probe
     latency: LatencyTriggerPolicy = field(default_factory=LatencyTriggerPolicy)
-    #: Per-route response cache TTL (route name -> seconds), for deterministic models only:
-    #: a hit answers without calling the backend. Off for every route not listed.
-    response_cache_ttl_s: Mapping[str, float] = field(default_factory=dict)
 
 
 class LatencyTrigger:
@@ -98,8 +97,7 @@ class LatencyTrigger:
             if len(values) < self.policy.min_samples:
                 self._p99_s = None
             else:
-                latencies = np.fromiter(values, np.float64, len(values))
-                self._p99_s = float(np.percentile(latencies, 99))
+                self._p99_s = p99(values)
             self._computed_at = now
         return self._p99_s
 
@@ -115,194 +113,251 @@ class LatencyTrigger:
         return False
 
 
-@dataclass(frozen=True, slots=True)
-class Rescue:
-    """What the ladder answered with: a fallback model response, or one answer per row."""
+def cache_keys(request: InferRequest) -> list[str]:
+    """The cache keys of a request: one per row when rows are independent, else one."""
+    if request.batchable and len(request.inputs) == 1:
+        prefix = f"{request.model}@{request.version}".encode()
+        rows = np.ascontiguousarray(request.inputs[0].data)
+        return [_digest(prefix, row.tobytes()) for row in rows]
+    h = hashlib.blake2b(f"{request.model}@{request.version}".encode(), digest_size=16)
+    for t in request.inputs:
+        h.update(t.name.encode() + b"\0" + t.datatype.encode() + str(t.shape).encode())
+        h.update(to_bytes(t))
+    return [h.hexdigest()]
 
-    rung: str  # the first row's rung (all rows' for a fallback model response)
-    response: InferResponse | None = None
-    answers: tuple[tuple[str, CachedAnswer], ...] = ()  # (rung, answer) per row
 
-
-def reason_for(exc: SwitchyardError) -> str | None:
-    """The fallback trigger a primary failure maps to; None: not the ladder's business
-    (bad input, or load shedding, which must reach the client as 503)."""
-    if isinstance(exc, CircuitOpen):
-        return "breaker_open"
-    if exc.details.get("reason") == "no_ready_server":
-        return "no_ready_server"
-    if isinstance(exc, DeadlineExceeded):
-        return "deadline"
-    if isinstance(exc, BackendUnavailable | BackendError):
-        return "error"
-    return None
+def _digest(prefix: bytes, data: bytes) -> str:
+    h = hashlib.blake2b(prefix, digest_size=16)
+    h.update(data)
+    return h.hexdigest()
 
 
 class FallbackLadder:
+    """A layer of the request path: wraps the primary call of every routed request."""
+
     def __init__(
         self,
         *,
-        backend: Backend,
-        catalog: Callable[[], ModelCatalog],
+        inner: InferLayer,
         cache: PredictionCache,
         metrics: Metrics,
         policy: FallbackPolicy,
         clock: Clock = monotonic,
     ) -> None:
-        self.backend = backend
-        self.catalog = catalog  # the live catalog (reloads replace it)
+        self.inner = inner  # the coalescer (primary and fallback models alike)
         self.cache = cache
         self.metrics = metrics
         self.policy = policy
         self.clock = clock
-        self._latency: dict[Target, LatencyTrigger] = {}
+        self._latency: dict[tuple[str, str], LatencyTrigger] = {}
+
+    async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
+        """The primary's answer; when it cannot give one (breaker open, error after retries,
+        out of time, too slow, overloaded), the first rung that answers every row. The
+        response names the rung (``parameters.fallback_used``) and the version that
+        answered."""
+        route = request.policy
+        if route is None:  # a model without a route: no ladder, nothing cached
+            return await self.inner.infer(request, deadline)
+        keys: list[str] | None = None
+        if route.response_cache_ttl_s > 0:  # deterministic models only, per route
+            keys = cache_keys(request)
+            hit = await self._from_cache(request, keys, deadline.remaining() / 4)
+            if hit is not None:
+                return hit
+        reason = self._skip_reason(route, request, deadline)
+        error: SwitchyardError | None = None  # built only when needed
+        if reason is None:
+            started = self.clock()
+            try:
+                resp = await self.inner.infer(request, self._primary_deadline(route, deadline))
+            except SwitchyardError as exc:
+                if isinstance(exc, DeadlineExceeded):
+                    self._trigger(request).observe(self.clock() - started)
+                reason = exc.fallback_reason
+                if reason is None or not route.has_ladder:
+                    raise  # bad input or load shedding: the caller must see it
+                error = exc
+            else:
+                self._trigger(request).observe(self.clock() - started)
+                ttl = max(route.cache_ttl_s, route.response_cache_ttl_s)
+                if ttl > 0:
+                    self._remember(request, keys or cache_keys(request), resp, ttl)
+                return resp
+        rescue = await self._rescue(request, keys, deadline, reason)
+        if rescue is None:
+            raise error or DeadlineExceeded("no time left for the primary")
+        return rescue
 
     # -- before the primary ----------------------------------------------------------------
-    def skip_reason(self, route: Route, target: Target, deadline: Deadline) -> str | None:
+    def _skip_reason(
+        self, route: CallPolicy, request: InferRequest, deadline: Deadline
+    ) -> str | None:
         """A reason to not even try the primary, or None."""
+        if not route.has_ladder:
+            return None
         if deadline.remaining() < self.policy.min_primary_s:
             return "deadline"
-        trigger = self._trigger(target)
-        if trigger.tripped(self._threshold_ms(route)) and not trigger.take_probe():
+        trigger = self._trigger(request)
+        latency = self.policy.latency
+        threshold = (
+            route.p99_ms * latency.slo_multiplier if route.p99_ms is not None else latency.p99_ms
+        )
+        if trigger.tripped(threshold) and not trigger.take_probe():
             return "latency"
         return None
 
-    def primary_deadline(self, route: Route, deadline: Deadline) -> Deadline:
+    def _primary_deadline(self, route: CallPolicy, deadline: Deadline) -> Deadline:
         """The primary's share of the budget: the rest is kept for the ladder."""
-        fb = route.fallback
-        if fb.target is None and fb.default is None and fb.cache_ttl_s <= 0:
+        if not route.has_ladder:
             return deadline  # no ladder: the primary may spend everything
         left = deadline.remaining()
-        reserve = min(self.policy.reserve_s, left * self.policy.reserve_fraction)
-        return Deadline(deadline.expires_at - reserve, deadline.clock)
+        return deadline.shortened(min(self.policy.reserve_s, left * self.policy.reserve_fraction))
 
-    def caches_responses(self, route: Route) -> bool:
-        """Whether the route has a response cache (callers skip `cached_responses` if not)."""
-        return self._response_ttl(route) > 0
-
-    async def cached_responses(
-        self, route: Route, keys: Sequence[str], deadline: Deadline
-    ) -> list[CachedAnswer] | None:
-        """Every row's answer from the response cache, or None (off, or any miss)."""
-        if self._response_ttl(route) <= 0:
-            return None
-        hits = []
-        for key in keys:
-            hit = await self.cache.get(key, deadline.remaining() / 4)
-            if hit is None:
-                return None
-            hits.append(hit)
-        return hits
-
-    # -- after the primary -----------------------------------------------------------------
-    def observe(self, target: Target, latency_s: float) -> None:
-        self._trigger(target).observe(latency_s)
-
-    def remember(self, route: Route, keys: Sequence[str], answers: Sequence[CachedAnswer]) -> None:
-        ttl = max(route.fallback.cache_ttl_s, self._response_ttl(route))
-        if ttl > 0:
-            for key, answer in zip(keys, answers, strict=True):
-                self.cache.put(key, answer, ttl)
-
-    async def rescue(
-        self,
-        route: Route,
-        rows: np.ndarray,
-        keys: Sequence[str],
-        request_id: str,
-        deadline: Deadline,
-        reason: str,
-    ) -> Rescue | None:
+    # -- the rungs -------------------------------------------------------------------------
+    async def _rescue(
+        self, request: InferRequest, keys: list[str] | None, deadline: Deadline, reason: str
+    ) -> InferResponse | None:
         """Walk the ladder; the first rung that answers every row wins. None: none did."""
-        fb = route.fallback
-        if fb.target is not None and deadline.remaining() > self.policy.min_primary_s:
-            resp = await self._fallback_model(fb.target, rows, request_id, deadline)
+        route = request.policy
+        assert route is not None
+        if route.fallback is not None and deadline.remaining() > self.policy.min_primary_s:
+            resp = await self._fallback_model(route.fallback, request, deadline)
             if resp is not None:
-                return self._count(Rescue("fallback_model", response=resp), reason, len(keys))
-        answers: list[CachedAnswer | None] = [None] * len(keys)
-        if fb.cache_ttl_s > 0:
-            for i, key in enumerate(keys):
-                answers[i] = await self.cache.get(key, deadline.remaining())
-        default = _default_answer(fb.default) if fb.default is not None else None
-        rows_answered: list[tuple[str, CachedAnswer]] = []
-        for a in answers:
-            if a is not None:
-                rows_answered.append(("cache", a))
-            elif default is not None:
-                rows_answered.append(("default", default))
-            else:
-                return None  # a row nothing can answer fails the call
-        for rung, _ in rows_answered:
-            self.metrics.fallback.labels(rung, reason).inc()
-        return Rescue(rows_answered[0][0], answers=tuple(rows_answered))
+                return self._answered(resp, "fallback_model", reason, _rows(request))
+        if route.cache_ttl_s > 0:
+            hit = await self._from_cache(
+                request, keys or cache_keys(request), deadline.remaining(), rung="cache"
+            )
+            if hit is not None:
+                return self._answered(hit, "cache", reason, _rows(request))
+        if route.default is not None and request.batchable:
+            return self._answered(
+                _default_response(request, route.default), "default", reason, _rows(request)
+            )
+        return None
 
     async def _fallback_model(
-        self, target: Target, rows: np.ndarray, request_id: str, deadline: Deadline
+        self, target: Target, request: InferRequest, deadline: Deadline
     ) -> InferResponse | None:
+        """The same inputs to the route's distilled model (the service checked at plan time
+        that its schema fits the primary's; explicit outputs are kept)."""
+        fallback = dataclasses.replace(
+            request, model=target.model, version=target.version, policy=None, priority=0
+        )
         try:
-            schema = self.catalog().schema(target.model, target.version)
-            if rows.shape[1] != len(schema.features):
-                log.warning("fallback_schema_mismatch", target=str(target))
-                return None
-            request = schema.infer_request(rows, request_id)
-            resp = await self.backend.infer(request, deadline.check("fallback model"))
+            resp = await self.inner.infer(fallback, deadline)
         except SwitchyardError as exc:
             log.info("fallback_model_failed", target=str(target), error=exc.code)
             return None
         # The answer names the version that produced it: the fallback's, never the primary's.
         return dataclasses.replace(resp, model=target.model, version=resp.version or target.version)
 
+    def _answered(self, resp: InferResponse, rung: str, reason: str, n: int) -> InferResponse:
+        self.metrics.fallback.labels(rung, reason).inc(n)
+        return dataclasses.replace(resp, parameters={**resp.parameters, "fallback_used": rung})
+
+    # -- the cache -------------------------------------------------------------------------
+    def _remember(
+        self, request: InferRequest, keys: Sequence[str], resp: InferResponse, ttl: float
+    ) -> None:
+        per_row = len(keys) > 1 or request.batchable
+        for i, key in enumerate(keys):
+            outputs = {
+                name: [t.datatype, *_unit(t.data[i] if per_row else t.data)]
+                for name, t in resp.outputs.items()
+            }
+            self.cache.put(key, {"model": resp.model, "version": resp.version,
+                                 "outputs": outputs}, ttl)  # fmt: skip
+
+    async def _from_cache(
+        self, request: InferRequest, keys: Sequence[str], timeout_s: float, rung: str = ""
+    ) -> InferResponse | None:
+        """Every key's answer from the cache as one response, or None (any miss)."""
+        hits: list[CachedAnswer] = []
+        for key in keys:
+            hit = await self.cache.get(key, timeout_s)
+            if hit is None or "outputs" not in hit:
+                return None
+            hits.append(hit)
+        per_row = len(keys) > 1 or request.batchable
+        outputs: dict[str, Tensor] = {}
+        for name, (datatype, *_) in hits[0]["outputs"].items():
+            units = [_array(datatype, *h["outputs"][name][1:]) for h in hits]
+            outputs[name] = Tensor(name, datatype, np.stack(units) if per_row else units[0])
+        first = hits[0]
+        return InferResponse(
+            str(first.get("model") or request.model),
+            str(first.get("version") or request.version),
+            outputs,
+            request.request_id,
+        )
+
     # -- warm-up ---------------------------------------------------------------------------
-    async def warm(self, routes: Sequence[Route], timeout_s: float) -> dict[str, bool]:
+    async def warm(self, probes: Sequence[InferRequest], timeout_s: float) -> dict[str, bool]:
         """One known input through every route's fallback model: keeps it loaded and hot,
         and feeds its server's breaker with fresh outcomes."""
         results = {}
-        for route in routes:
-            t = route.fallback.target
-            if t is None:
-                continue
-            schema = self.catalog().schema(t.model, t.version)
-            rows = np.zeros((1, len(schema.features)), dtype=np.float32)
+        for probe in probes:
             deadline = Deadline.after(timeout_s, self.clock)
-            resp = await self._fallback_model(t, rows, "warm-probe", deadline)
-            results[str(t)] = resp is not None
-            if resp is None:
-                log.warning("fallback_warm_probe_failed", target=str(t))
+            try:
+                await self.inner.infer(probe, deadline)
+                ok = True
+            except SwitchyardError as exc:
+                log.warning("fallback_warm_probe_failed", target=probe.model, error=exc.code)
+                ok = False
+            results[f"{probe.model}@{probe.version}"] = ok
         return results
 
-    async def run_warmer(self, routes: Any, timeout_s: float) -> None:
-        """Background task: `warm` every `warm_interval_s` until cancelled. ``routes`` is the
-        live RouteTableRef, so reloaded routes are probed too."""
+    async def run_warmer(
+        self, probes: Callable[[], Sequence[InferRequest]], timeout_s: float
+    ) -> None:
+        """Background task: `warm` every `warm_interval_s` until cancelled. ``probes`` reads
+        the live route table, so reloaded routes are probed too."""
         while True:
-            await self.warm(list(routes.current.routes.values()), timeout_s)
+            await self.warm(probes(), timeout_s)
             await asyncio.sleep(self.policy.warm_interval_s)
 
     # -- internals -------------------------------------------------------------------------
-    def _trigger(self, target: Target) -> LatencyTrigger:
-        trigger = self._latency.get(target)
+    def _trigger(self, request: InferRequest) -> LatencyTrigger:
+        key = (request.model, request.version)
+        trigger = self._latency.get(key)
         if trigger is None:
-            trigger = self._latency[target] = LatencyTrigger(self.policy.latency, self.clock)
+            trigger = self._latency[key] = LatencyTrigger(self.policy.latency, self.clock)
         return trigger
 
-    def _threshold_ms(self, route: Route) -> float:
-        latency = self.policy.latency
-        return float(latency.route_p99_ms.get(route.name, latency.p99_ms))
 
-    def _response_ttl(self, route: Route) -> float:
-        return float(self.policy.response_cache_ttl_s.get(route.name, 0.0))
-
-    def _count(self, rescue: Rescue, reason: str, n: int) -> Rescue:
-        self.metrics.fallback.labels(rescue.rung, reason).inc(n)
-        return rescue
+def _rows(request: InferRequest) -> int:
+    return len(request.inputs[0].data) if request.batchable and request.inputs else 1
 
 
-def _default_answer(default: Mapping[str, Any]) -> CachedAnswer:
-    return {
-        "version": DEFAULT_VERSION,
-        "score": default.get("score"),
-        "decision": default.get("decision"),
-        "confidence": default.get("confidence"),
-        "outputs": {
-            k: v for k, v in default.items() if k not in ("score", "decision", "confidence")
-        },
-    }
+def _unit(a: np.ndarray) -> tuple[list[int], list[Any]]:
+    """An array as (shape, flat JSON-able values): BYTES as latin-1 text (lossless)."""
+    flat = a.ravel()
+    if a.dtype == np.object_:
+        return list(a.shape), [
+            x.decode("latin-1") if isinstance(x, bytes) else str(x) for x in flat
+        ]
+    return list(a.shape), flat.tolist()
+
+
+def _array(datatype: str, shape: list[int], data: list[Any]) -> np.ndarray:
+    if datatype == "BYTES":
+        arr = np.empty(len(data), dtype=np.object_)
+        arr[:] = [x.encode("latin-1") for x in data]
+        return arr.reshape(shape)
+    return np.asarray(data, dtype=numpy_dtype(datatype)).reshape(shape)
+
+
+def _default_response(request: InferRequest, default: Mapping[str, Any]) -> InferResponse:
+    """The route's static answer for every row: numbers as FP32 [n, 1], text as BYTES [n, 1]."""
+    n = _rows(request)
+    outputs: dict[str, Tensor] = {}
+    for name, value in default.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            arr = np.empty((n, 1), dtype=np.object_)
+            arr[:] = str(value).encode()
+            outputs[name] = Tensor(name, "BYTES", arr)
+        else:
+            outputs[name] = Tensor(name, "FP32", np.full((n, 1), value, dtype=np.float32))
+    return InferResponse("default", DEFAULT_VERSION, outputs, request.request_id)

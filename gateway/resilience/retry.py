@@ -21,7 +21,7 @@ from typing import TypeVar
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from gateway.clock import Clock, monotonic
-from gateway.errors import BackendUnavailable
+from gateway.errors import SwitchyardError
 from gateway.resilience.deadline import Deadline
 
 T = TypeVar("T")
@@ -44,7 +44,7 @@ class RetryPolicy:
 
 
 def retryable(exc: BaseException) -> bool:
-    return isinstance(exc, BackendUnavailable) and getattr(exc, "retryable", True)
+    return isinstance(exc, SwitchyardError) and exc.retryable
 
 
 class RetryBudget:

@@ -14,7 +14,6 @@ step of the ladder.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -25,6 +24,7 @@ from redis.exceptions import RedisError
 from gateway.errors import StreamUnavailable
 from gateway.predlog.feedback import LabelStore, is_correct
 from gateway.predlog.redis_stream import decode_fields
+from gateway.stats import p99
 
 Action = Literal["promote", "hold", "rollback"]
 
@@ -120,14 +120,6 @@ class Verdict:
     action: Action
     next_weight: float
     reasons: tuple[str, ...] = field(default_factory=tuple)
-
-
-def p99(values: list[float]) -> float | None:
-    """Nearest-rank 99th percentile (an observed value, no interpolation)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
 
 
 def summarise(

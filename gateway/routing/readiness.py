@@ -23,7 +23,8 @@ import structlog
 from gateway.backends.base import Backend, ModelControl
 from gateway.catalog import ModelCatalog
 from gateway.errors import SwitchyardError
-from gateway.routing.table import RouteError, RouteTable, Target
+from gateway.routing.table import RouteError, RouteTable
+from gateway.types import Deadline, Target
 
 log = structlog.get_logger(__name__)
 
@@ -104,7 +105,7 @@ class VersionGate:
         row = schema.vectorize(list(probe["features"])).reshape(1, -1)
         request = schema.infer_request(row, f"probe-{target}")
         try:
-            resp = await self.backend.infer(request, self.control_timeout_s)
+            resp = await self.backend.infer(request, Deadline.after(self.control_timeout_s))
         except SwitchyardError as exc:
             raise RouteError(f"{target} probe failed: {exc.message}") from exc
         got = {k: _scalar(t.data) for k, t in resp.outputs.items()}

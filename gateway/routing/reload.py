@@ -66,7 +66,6 @@ class RouteReloader:
         metrics: Metrics,
         *,
         load_catalog: Callable[[], ModelCatalog],
-        on_catalog: Callable[[ModelCatalog], None] = lambda _: None,
         interval_s: float = 0.5,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -75,7 +74,6 @@ class RouteReloader:
         self.gate = gate
         self.metrics = metrics
         self.load_catalog = load_catalog
-        self.on_catalog = on_catalog
         self.interval_s = interval_s
         self.wall_clock = wall_clock
         self.last: ReloadResult | None = None
@@ -96,8 +94,7 @@ class RouteReloader:
                 result = ReloadResult("rejected", self.wall_clock(), reason, str(exc))
                 log.error("routes_rejected", reason=reason, error=str(exc))
             else:
-                self.on_catalog(catalog)  # the new table's schemas first, then the table
-                self.ref.swap(table)
+                self.ref.swap(table)  # one snapshot: the routes and their catalog together
                 result = ReloadResult("ok", self.wall_clock(), reason, None, _versions(table))
                 log.info(
                     "routes_reloaded", reason=reason, policy_versions=dict(result.policy_versions)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,8 @@ from gateway.backends.base import Backend
 from gateway.catalog import ModelCatalog
 from gateway.errors import SwitchyardError
 from gateway.metrics import Metrics
-from gateway.routing.table import Shadow, Target
+from gateway.routing.table import Shadow
+from gateway.types import Deadline, Target
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +64,7 @@ class ShadowDispatcher:
     def __init__(
         self,
         backend: Backend,
-        catalog: ModelCatalog,
+        catalog: Callable[[], ModelCatalog],
         metrics: Metrics,
         *,
         max_in_flight: int = 64,
@@ -71,7 +72,7 @@ class ShadowDispatcher:
         rng: random.Random | None = None,
     ) -> None:
         self.backend = backend
-        self.catalog = catalog
+        self.catalog = catalog  # the live snapshot's catalog (reloads replace it)
         self.metrics = metrics
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
@@ -131,15 +132,16 @@ class ShadowDispatcher:
         )
 
     async def _infer(self, target: Target, primary: Primary) -> Mapping[str, Any]:
-        schema = self.catalog.schema(target.model, target.version)
-        same = self.catalog.schema(primary.target.model, primary.target.version)
+        catalog = self.catalog()
+        schema = catalog.schema(target.model, target.version)
+        same = catalog.schema(primary.target.model, primary.target.version)
         row = (
             primary.row
             if same.features == schema.features
             else (schema.vectorize(primary.features))
         )
         request = schema.infer_request(row.reshape(1, -1), f"shadow-{primary.request_id}")
-        resp = await self.backend.infer(request, self.timeout_s)
+        resp = await self.backend.infer(request, Deadline.after(self.timeout_s))
         out: dict[str, Any] = {}
         for name, t in resp.outputs.items():
             v = t.data.ravel()[0]

@@ -21,22 +21,16 @@ import yaml
 from gateway.catalog import ModelCatalog
 from gateway.errors import ModelNotFound
 from gateway.routing.split import BUCKETS, Arm, Split
+from gateway.types import CallPolicy, Target
 
-_KEYS = {"model", "champion", "challengers", "segments", "shadow", "fallback", "slo"}
+__all__ = ["Route", "RouteError", "RouteTable", "RouteTableRef", "Target", "load_route_table"]
+
+_KEYS = {"model", "champion", "challengers", "segments", "shadow", "fallback", "slo", "cache"}
 _TARGET_KEYS = {"target", "version"}
 
 
 class RouteError(ValueError):
     """A route file that cannot be used; the message names the file, line and field."""
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    model: str
-    version: str
-
-    def __str__(self) -> str:
-        return f"{self.model}@{self.version}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +82,28 @@ class Route:
     split: Split | None = None
     segments: tuple[Segment, ...] = ()
     shadows: tuple[Shadow, ...] = ()
+    #: Response cache (deterministic models only): a hit answers without the primary.
+    response_cache_ttl_s: float = 0.0
 
     @property
-    def deadline_ms(self) -> int | None:
-        return self.slo.deadline_ms
+    def policy(self) -> CallPolicy:
+        """What the layers below the Service need of this route, as one value."""
+        return CallPolicy(
+            route=self.name,
+            policy_version=self.policy_version,
+            fallback=self.fallback.target,
+            cache_ttl_s=self.fallback.cache_ttl_s,
+            default=self.fallback.default,
+            response_cache_ttl_s=self.response_cache_ttl_s,
+            p99_ms=self.slo.p99_ms,
+        )
+
+    def deadline_ms(self, factor: float) -> float | None:
+        """The default deadline of this route's requests: the SLO's deadline_ms, else
+        ``factor`` x its p99 (the hard ceiling the specs put at twice the p99 target)."""
+        if self.slo.deadline_ms is not None:
+            return float(self.slo.deadline_ms)
+        return self.slo.p99_ms * factor if self.slo.p99_ms else None
 
     def choose(
         self, entity_id: str | None, context: Mapping[str, Any], rng: random.Random
@@ -124,7 +136,12 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class RouteTable:
+    """One immutable snapshot of live state: the routes and the model catalog they were
+    validated against. A reload swaps both at once, so no request ever sees a route whose
+    versions' schemas are not in its catalog."""
+
     routes: Mapping[str, Route]
+    catalog: ModelCatalog = field(default_factory=lambda: ModelCatalog({}))
 
     def get(self, name: str) -> Route:
         try:
@@ -241,7 +258,15 @@ def parse_route(content: bytes, source: str) -> Route:
         split=_split(doc, data, name, champion),
         segments=tuple(_segment(doc, s, i) for i, s in enumerate(_list(doc, data, "segments"))),
         shadows=tuple(_shadow(doc, s, i) for i, s in enumerate(_list(doc, data, "shadow"))),
+        response_cache_ttl_s=_cache(doc, data.get("cache")),
     )
+
+
+def _cache(doc: _Doc, value: Any) -> float:
+    if value is None:
+        return 0.0
+    m = _mapping(doc, value, ("cache",), {"ttl_s"})
+    return _number(doc, m, "ttl_s", ("cache",), 0, 1e9) if "ttl_s" in m else 0.0
 
 
 def _split(doc: _Doc, data: Mapping[str, Any], name: str, champion: Target) -> Split | None:
@@ -360,7 +385,7 @@ def load_route_table(routes_dir: Path, catalog: ModelCatalog | None = None) -> R
         routes[route.name] = route
     if not routes:
         raise RouteError(f"{routes_dir}: no route files (*.yaml)")
-    return RouteTable(MappingProxyType(routes))
+    return RouteTable(MappingProxyType(routes), catalog or ModelCatalog({}))
 
 
 class RouteTableRef:

@@ -59,6 +59,12 @@ def start_gateway(
         "SWITCHYARD__SERVER__PORT": str(port),
         # No Redis unless a test asks for it: the prediction log stays in the spool directory.
         "SWITCHYARD__REDIS__URL": '""',
+        # These tests check answers on a shared 2-core machine, where a cold Python-backend
+        # model's first calls can pass risk's 200 ms SLO ceiling (2 x p99) and the ladder would
+        # answer instead; deadline-driven fallback is covered by the unit tests.
+        "SWITCHYARD__ROUTING__SLO_DEADLINE_FACTOR": "10",
+        # Likewise the latency trigger trips at 3 x the SLO (300 ms for risk), not at it.
+        "SWITCHYARD__RESILIENCE__FALLBACK__LATENCY__SLO_MULTIPLIER": "3",
         **(extra_env or {}),
     }
     with log.open("wb") as out:

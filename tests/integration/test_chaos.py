@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,9 @@ async def test_overload_is_shed_with_retry_after_and_admitted_latency_stays_flat
         "SWITCHYARD__RESILIENCE__ADMISSION": (
             "{max_in_flight_per_backend: 4, max_queue: 4, max_queue_wait_s: 0.02, retry_after_s: 1}"
         ),
+        # Admission alone is under test: queueing at 3x capacity pushes the primary's p99
+        # over risk's 100 ms SLO, and the latency trigger would divert to the ladder instead.
+        "SWITCHYARD__RESILIENCE__FALLBACK": "{latency: {min_samples: 1000000000}}",
     }
     workdir = stack.workdir / "overload"
     workdir.mkdir()
@@ -224,7 +228,8 @@ async def test_overload_is_shed_with_retry_after_and_admitted_latency_stays_flat
     assert len(shed) >= 50, f"only {len(shed)} shed at 3x the admission limit"
     assert all(r.retry_after == "1" and r.body["error"]["code"] == "overloaded" for r in shed)
     assert len(ok) >= 40, f"only {len(ok)} admitted"  # closed loop: shed clients come back fast
-    assert all(r.body["fallback_used"] is None for r in ok)  # shedding is not a fallback
+    rungs = Counter(r.body["fallback_used"] for r in ok)
+    assert set(rungs) == {None}, rungs  # shedding is not a fallback
     admitted_p99_ms = p99([r.body["latency_ms"] for r in ok])
     print(f"overload: {len(ok)} admitted (p99 {admitted_p99_ms:.1f} ms), {len(shed)} shed")
     assert admitted_p99_ms <= 100, f"admitted p99 {admitted_p99_ms:.1f} ms over the 100 ms SLO"

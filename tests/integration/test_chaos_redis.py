@@ -77,7 +77,7 @@ async def test_cache_rung_uses_redis_and_is_skipped_when_redis_dies(
     first, _ = await gateway_client(tmp_path, aiohttp_client, url, "a")
     status, ok = await predict(first, [1, 2, 3])
     assert status == 200 and ok["fallback_used"] is None
-    await first.app[SERVICE].fallback.cache.flush()
+    await first.app[SERVICE].stack.cache.flush()
     check = redis.Redis.from_url(url)
     assert len(check.keys("switchyard:pred:*")) == 1
     check.close()
@@ -103,4 +103,4 @@ async def test_cache_rung_uses_redis_and_is_skipped_when_redis_dies(
     fourth, _ = await gateway_client(tmp_path, aiohttp_client, url, "d")
     status, body = await predict(fourth, [7, 8, 9])
     assert status == 200 and body["fallback_used"] is None
-    await fourth.app[SERVICE].fallback.cache.flush()  # swallowed, logged once
+    await fourth.app[SERVICE].stack.cache.flush()  # swallowed, logged once

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,3 +59,34 @@ def write_repo(root: Path, route_extra: str = "") -> Settings:
 def toy_backend() -> FakeBackend:
     inputs = [{"name": "features", "datatype": "FP32", "shape": [-1, 3]}]
     return FakeBackend([FakeModel("toy", toy_fn, versions=("1", "2"), inputs=inputs)])
+
+
+def small_fn(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    x = inputs["features"].data.astype(np.float32)
+    score = np.full((x.shape[0], 1), 0.25, dtype=np.float32)
+    decision = np.array([[b"approve"]] * x.shape[0], dtype=object)
+    return {
+        "score": Tensor("score", "FP32", score),
+        "decision": Tensor("decision", "BYTES", decision),
+        "confidence": Tensor("confidence", "FP32", 1 - score),
+    }
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+
+    def record(self, entry: dict[str, Any]) -> None:
+        self.entries.append(entry)
+
+
+def write_small_model(repo: Path) -> None:
+    d = repo / "toy_small" / "1"
+    d.mkdir(parents=True)
+    manifest = {
+        "model": "toy_small",
+        "version": "1",
+        "input_schema": {"tensor": "features", "datatype": "FP32", "features": FEATURES},
+        "outputs": ["score", "decision", "confidence"],
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest))

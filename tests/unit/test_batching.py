@@ -36,14 +36,25 @@ class GatedCall:
         self.calls: list[np.ndarray] = []
         self.fail: Exception | None = None
 
-    async def __call__(
-        self, schema: ModelSchema, rows: np.ndarray, request_id: str, deadline: Deadline
-    ) -> InferResponse:
+    async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
+        rows = request.inputs[0].data
         self.calls.append(rows)
         await self.gate.wait()
         if self.fail is not None:
             raise self.fail
-        return InferResponse("toy", "2", {"score": Tensor("score", "FP32", rows * 2)}, request_id)
+        return InferResponse(
+            "toy", "2", {"score": Tensor("score", "FP32", rows * 2)}, request.request_id
+        )
+
+
+def waiting(co: Coalescer, model: str = "toy", version: str = "2") -> int:
+    """Callers waiting to be merged for this target (read from the lanes' queues)."""
+    return sum(
+        not w.future.done()
+        for key, lane in co._lanes.items()
+        if key[:2] == (model, version)
+        for w in lane.waiting
+    )
 
 
 async def until(cond: Callable[[], bool], steps: int = 1000) -> None:
@@ -64,12 +75,13 @@ def deadline(seconds: float = 5.0, clock: FakeClock | None = None) -> Deadline:
 
 
 def start(co: Coalescer, i: float, d: Deadline | None = None) -> asyncio.Task:
-    return asyncio.create_task(co.infer_rows(SCHEMA, row(i), f"r{i}", d or deadline()))
+    request = SCHEMA.infer_request(row(i), f"r{i}")
+    return asyncio.create_task(co.infer(request, d or deadline()))
 
 
-def answer(result: tuple[InferResponse, int]) -> np.ndarray:
-    resp, base = result
-    return resp.outputs["score"].data[base]
+def answer(result: InferResponse) -> np.ndarray:
+    assert len(result.outputs["score"].data) == 1  # each caller gets its own rows only
+    return result.outputs["score"].data[0]
 
 
 async def test_low_load_calls_at_once_without_merging() -> None:
@@ -77,7 +89,7 @@ async def test_low_load_calls_at_once_without_merging() -> None:
     co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=2), call)
     a, b = start(co, 1), start(co, 2)
     await until(lambda: len(call.calls) == 2)  # both went out before any answer came back
-    assert co.waiting("toy", "2") == 0
+    assert waiting(co) == 0
     call.gate.set()
     assert answer(await a) == pytest.approx(row(1)[0] * 2)
     assert answer(await b) == pytest.approx(row(2)[0] * 2)
@@ -90,7 +102,7 @@ async def test_waiting_rows_go_out_as_one_call_and_map_back() -> None:
     first = start(co, 0)
     await until(lambda: len(call.calls) == 1)
     others = [start(co, i) for i in (1, 2, 3)]
-    await until(lambda: co.waiting("toy", "2") == 3)
+    await until(lambda: waiting(co) == 3)
     assert len(call.calls) == 1  # held back while the lane is full
     call.gate.set()
     results = await asyncio.gather(first, *others)
@@ -106,7 +118,7 @@ async def test_max_batch_splits_the_waiting_rows() -> None:
     first = start(co, 0)
     await until(lambda: len(call.calls) == 1)
     others = [start(co, i) for i in (1, 2, 3)]
-    await until(lambda: co.waiting("toy", "2") == 3)
+    await until(lambda: waiting(co) == 3)
     call.gate.set()
     results = await asyncio.gather(first, *others)
     assert [len(c) for c in call.calls] == [1, 2, 1]
@@ -120,12 +132,12 @@ async def test_batch_rows_are_never_held_back() -> None:
     first = start(co, 0)
     await until(lambda: len(call.calls) == 1)
     rows = np.concatenate([row(1), row(2)])
-    batch = asyncio.create_task(co.infer_rows(SCHEMA, rows, "b", deadline()))
+    batch = asyncio.create_task(co.infer(SCHEMA.infer_request(rows, "b"), deadline()))
     await until(lambda: len(call.calls) == 2)  # went out although the lane was full
     call.gate.set()
     await first
-    resp, base = await batch
-    assert base == 0 and resp.outputs["score"].data.shape == (2, 3)
+    resp = await batch
+    assert resp.outputs["score"].data.shape == (2, 3)
 
 
 async def test_an_error_of_the_merged_call_reaches_every_member() -> None:
@@ -134,7 +146,7 @@ async def test_an_error_of_the_merged_call_reaches_every_member() -> None:
     first = start(co, 0)
     await until(lambda: len(call.calls) == 1)
     others = [start(co, i) for i in (1, 2)]
-    await until(lambda: co.waiting("toy", "2") == 2)
+    await until(lambda: waiting(co) == 2)
     call.fail = BackendError("triton said no")
     call.gate.set()
     results = await asyncio.gather(first, *others, return_exceptions=True)
@@ -148,9 +160,9 @@ async def test_a_cancelled_waiter_does_not_break_the_others() -> None:
     first = start(co, 0)
     await until(lambda: len(call.calls) == 1)
     a, b, c = start(co, 1), start(co, 2), start(co, 3)
-    await until(lambda: co.waiting("toy", "2") == 3)
+    await until(lambda: waiting(co) == 3)
     b.cancel()
-    await until(lambda: co.waiting("toy", "2") == 2)
+    await until(lambda: waiting(co) == 2)
     call.gate.clear()
     call.gate.set()
     await first
@@ -166,7 +178,7 @@ async def test_cancelling_a_member_of_a_running_merged_call_spares_the_rest() ->
     first = start(co, 0)
     await until(lambda: len(call.calls) == 1)
     a, b = start(co, 1), start(co, 2)
-    await until(lambda: co.waiting("toy", "2") == 2)
+    await until(lambda: waiting(co) == 2)
     # Let the first call answer, but hold the merged one at the gate.
     call.gate.set()
     await first
@@ -199,9 +211,9 @@ class GatedBackend(FakeBackend):
 
     gate: asyncio.Event
 
-    async def infer(self, request: InferRequest, timeout_s: float) -> InferResponse:
+    async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
         await self.gate.wait()
-        return await super().infer(request, timeout_s)
+        return await super().infer(request, deadline)
 
 
 async def test_service_merges_concurrent_predictions_and_answers_each(
@@ -216,8 +228,8 @@ async def test_service_merges_concurrent_predictions_and_answers_each(
     )
     app = build_app(settings, backend=gated)
     client = await aiohttp_client(app)
-    coalescer = app[SERVICE].coalescer
-    assert coalescer is not None
+    coalescer = app[SERVICE].stack.inner  # service -> ladder -> coalescer
+    assert isinstance(coalescer, Coalescer)
 
     async def post(i: int) -> dict:
         body = {"request_id": f"req-{i}", "model_name": "toy", "features": [i, -2.0, 0.5]}
@@ -226,10 +238,9 @@ async def test_service_merges_concurrent_predictions_and_answers_each(
         return await resp.json()
 
     first = asyncio.create_task(post(0))
-    await until(lambda: coalescer._lanes.get(("toy", "2")) is not None, steps=10_000)
-    await until(lambda: coalescer._lanes[("toy", "2")].in_flight == 1, steps=10_000)
+    await until(lambda: sum(la.in_flight for la in coalescer._lanes.values()) == 1, steps=10_000)
     rest = [asyncio.create_task(post(i)) for i in (1, 2, 3, 4)]
-    await until(lambda: coalescer.waiting("toy", "2") == 4, steps=10_000)
+    await until(lambda: waiting(coalescer) == 4, steps=10_000)
     gated.gate.set()
     bodies = await asyncio.gather(first, *rest)
     assert [c.inputs[0].data.shape[0] for c in gated.calls] == [1, 4]

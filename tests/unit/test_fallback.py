@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -21,44 +19,12 @@ from gateway.errors import BackendUnavailable, Overloaded
 from gateway.resilience.breaker import BreakerPolicy
 from gateway.resilience.fallback import LatencyTrigger, LatencyTriggerPolicy
 from gateway.resilience.retry import RetryPolicy
-from gateway.tensors import Tensor
-from tests.unit.fakes import FEATURES, toy_backend, write_repo
+from tests.unit.fakes import ListSink, small_fn, toy_backend, write_repo, write_small_model
 
 ROUTE = (
     'fallback: {target: toy_small, version: "1", cache_ttl_s: 60,'
     " default: {score: 0.5, decision: review}}\n"
 )
-
-
-def small_fn(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-    x = inputs["features"].data.astype(np.float32)
-    score = np.full((x.shape[0], 1), 0.25, dtype=np.float32)
-    decision = np.array([[b"approve"]] * x.shape[0], dtype=object)
-    return {
-        "score": Tensor("score", "FP32", score),
-        "decision": Tensor("decision", "BYTES", decision),
-        "confidence": Tensor("confidence", "FP32", 1 - score),
-    }
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.entries: list[dict[str, Any]] = []
-
-    def record(self, entry: dict[str, Any]) -> None:
-        self.entries.append(entry)
-
-
-def write_small_model(repo: Path) -> None:
-    d = repo / "toy_small" / "1"
-    d.mkdir(parents=True)
-    manifest = {
-        "model": "toy_small",
-        "version": "1",
-        "input_schema": {"tensor": "features", "datatype": "FP32", "features": FEATURES},
-        "outputs": ["score", "decision", "confidence"],
-    }
-    (d / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.fixture
@@ -79,11 +45,9 @@ async def make_client(
     route: str,
     response_cache_ttl_s: float = 0.0,
 ) -> tuple[TestClient, ListSink]:
+    if response_cache_ttl_s:  # per route, in the route file
+        route += f"\ncache: {{ttl_s: {response_cache_ttl_s}}}\n"
     settings = write_repo(tmp_path, route)
-    if response_cache_ttl_s:
-        res = settings.resilience
-        fallback = replace(res.fallback, response_cache_ttl_s={"toy": response_cache_ttl_s})
-        settings = replace(settings, resilience=replace(res, fallback=fallback))
     write_small_model(settings.routing.model_repository)
     pool = BackendPool(
         [

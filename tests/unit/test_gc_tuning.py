@@ -1,10 +1,10 @@
-"""The serving process's garbage-collector settings (gateway.app.tune_gc)."""
+"""The serving process's garbage-collector settings (gateway.serving.tune_gc)."""
 
 from __future__ import annotations
 
 import gc
 
-from gateway.app import GC_GEN0_THRESHOLD, tune_gc
+from gateway.serving import GC_GEN0_THRESHOLD, tune_gc
 
 
 def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold() -> None:

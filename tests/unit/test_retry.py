@@ -160,7 +160,7 @@ async def test_pool_retries_on_another_ready_server() -> None:
         clock=clock,
     )
     # both idle: "a" (listed first) is tried first, the retry goes to "b"
-    resp = await pool.infer(_request(), 1.0)
+    resp = await pool.infer(_request(), Deadline.after(1.0))
     assert resp.model == "toy"
     assert (len(bad.calls), len(good.calls)) == (1, 1)
 
@@ -175,26 +175,28 @@ async def test_pool_picks_least_in_flight_and_skips_unready_and_open() -> None:
         clock=clock,
     )
     pool.members[0].in_flight = 5  # "a" is busy
-    await pool.infer(_request(), 1.0)
+    await pool.infer(_request(), Deadline.after(1.0))
     assert (len(a.calls), len(b.calls)) == (0, 1)
     pool.members[0].in_flight = 0
     pool.members[1].ready = False
-    await pool.infer(_request(), 1.0)
+    await pool.infer(_request(), Deadline.after(1.0))
     assert (len(a.calls), len(b.calls)) == (1, 1)
     a.fail_with = BackendUnavailable("down")
     with pytest.raises(BackendUnavailable):
-        await pool.infer(_request(), 1.0)  # opens a's breaker (b is unready)
+        await pool.infer(_request(), Deadline.after(1.0))  # opens a's breaker (b is unready)
     with pytest.raises(CircuitOpen):
-        await pool.infer(_request(), 1.0)
+        await pool.infer(_request(), Deadline.after(1.0))
     pool.members[0].ready = False
     with pytest.raises(NoReadyServer):
-        await pool.infer(_request(), 1.0)
+        await pool.infer(_request(), Deadline.after(1.0))
 
 
 async def test_pool_health_check_drops_and_restores_a_server() -> None:
     a, b = toy_backend(), FakeBackend([], name="b")
     pool = BackendPool([PoolMember("a", a), PoolMember("b", b)])
-    await pool.infer(_request(), 1.0)  # "b" is unready, so only its breaker for toy exists
+    await pool.infer(
+        _request(), Deadline.after(1.0)
+    )  # "b" is unready, so only its breaker for toy exists
     breaker_b = pool.breaker(pool.members[1], "toy")
     b.fail_with = BackendUnavailable("gone")
     assert await pool.check_health(0.1) == {"a": True, "b": False}

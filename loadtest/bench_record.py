@@ -1,6 +1,6 @@
 """Microbenchmark of `PredictionLog.record`, the prediction log's cost on the request path.
 
-    python -m gateway.predlog.bench_record [--n 200000] [--dir var/spool-bench] [--payload]
+    python -m loadtest.bench_record [--n 200000] [--dir var/spool-bench] [--payload]
 
 Reports µs per call for the write-ahead record (encode + one `os.write` + enqueue), and its
 parts, against an in-memory-only enqueue (what record cost before the write-ahead log). A
