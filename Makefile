@@ -16,7 +16,7 @@ SCENARIO ?= steady
 LOADTEST_HOST ?= http://127.0.0.1:$(GATEWAY_PORT)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv .venv run test lint format train clean loadtest bench deps
+.PHONY: help venv .venv run test lint format train clean loadtest bench deps screenshots
 
 help:
 	@echo "make run    two tritonservers (primary, fallback) + the gateway on :$(GATEWAY_PORT)"
@@ -25,6 +25,7 @@ help:
 	@echo "make train  retrain the models in model_repository/"
 	@echo "make loadtest SCENARIO=steady|ramp|spike|soak  locust, headless, against LOADTEST_HOST"
 	@echo "make bench  side-by-side benchmark: Triton direct vs through the gateway"
+	@echo "make screenshots  regenerate docs/images/status-page.png (needs Redis, chromium)"
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +70,10 @@ loadtest: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(VPY) -m loadtest.bench --start $(BENCH_ARGS)
+
+# The README's status-page picture (docs/images/status-page.png): needs Redis and chromium.
+screenshots: $(STAMP) deps
+	$(VPY) docs/screenshots.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
