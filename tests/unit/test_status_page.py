@@ -7,7 +7,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -274,3 +277,34 @@ def test_tail_records_reads_only_the_end_of_a_long_record(tmp_path: Path) -> Non
     assert path.stat().st_size > 256 * 1024
     assert [r["i"] for r in tail_records(path, 3)] == [1997, 1998, 1999]
     assert tail_records(tmp_path / "missing.jsonl", 3) == []
+
+
+WORKER = """
+import sys
+from prometheus_client import Gauge
+from gateway.metrics import Metrics
+m = Metrics(multiprocess_dir=sys.argv[1])
+m.fallback.labels("cache", "error").inc(int(sys.argv[2]))
+Gauge("feature_drift_psi", "PSI", ["model", "version", "feature"], registry=m.registry,
+      multiprocess_mode="max").labels("toy", "2", "a").set(float(sys.argv[2]) / 10)
+if sys.argv[3] == "read":  # the page's reading, in the last worker (a heavier import)
+    from gateway.api.status import _drift, _fallback, _families
+    families = {f.name: f for f in _families(m)}
+    print(_fallback(families.get("fallback"))["total"], _drift(families.get("feature_drift_psi")))
+"""
+
+
+def test_under_several_workers_the_registry_counts_every_worker(tmp_path: Path) -> None:
+    """`serve --workers N`: prometheus_client keeps values in per-process files; the page sums
+    them as /metrics does (separate interpreters: the mode is chosen at import)."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", WORKER, str(tmp_path), str(n), mode],
+            env=env, capture_output=True, text=True, check=True, timeout=60,
+        ).stdout
+        for n, mode in ((2, "write"), (3, "read"))
+    ]  # fmt: skip
+    total, drift = outputs[1].split(" ", 1)
+    assert total == "5.0"  # the second worker sees both workers' fallbacks: 2 + 3
+    assert "'psi': 0.3" in drift and "'level': 'alert'" in drift  # max over the workers
