@@ -45,7 +45,10 @@ AUDIT: web.AppKey[AuditSource] = web.AppKey("audit_source")
 
 
 def status_view(app: web.Application, wall: Callable[[], float] = time.time) -> dict[str, Any]:
-    """Everything the status page shows, as plain data."""
+    """Everything the status page shows, as plain data. Keys: `routes` (arms, weights,
+    requests per arm), `canaries` (ladder, stage, last decisions, `gates` against the policy),
+    `servers` (None without a pool), `fallback`, `drift` (`enabled` False until a
+    `feature_drift_psi` gauge exists), `reloads`, `audit` (`enabled` False without a source)."""
     settings = app[SETTINGS]
     service = app[SERVICE]
     metrics = app[METRICS]
