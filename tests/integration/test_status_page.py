@@ -113,12 +113,11 @@ def test_status_page_shows_weights_and_follows_set_weight(
     assert edit.returncode == 0, edit.stderr
 
     deadline = time.monotonic() + 30
-    while (seen := weights_in(browse(chromium, profile, url, "--dump-dom")))[
+    while (seen := weights_in(dom := browse(chromium, profile, url, "--dump-dom")))[
         ("risk", "challenger:risk@1")
     ] != "25":
         assert time.monotonic() < deadline, f"the page never showed the new weight: {seen}"
     assert seen[("risk", "champion")] == "75"
-    dom = browse(chromium, profile, url, "--dump-dom")
     assert "25 %: step 2 of 4" in dom
     assert '<tr class="reload">' in dom and '<span class="badge ok">ok</span>' in dom
 
