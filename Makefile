@@ -16,7 +16,7 @@ SCENARIO ?= steady
 LOADTEST_HOST ?= http://127.0.0.1:$(GATEWAY_PORT)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv .venv run test lint format train clean loadtest bench deps
+.PHONY: help venv .venv run test lint format train clean loadtest bench deps screenshots
 
 help:
 	@echo "make run    two tritonservers (primary, fallback) + the gateway on :$(GATEWAY_PORT)"
@@ -25,6 +25,7 @@ help:
 	@echo "make train  retrain the models in model_repository/"
 	@echo "make loadtest SCENARIO=steady|ramp|spike|soak  locust, headless, against LOADTEST_HOST"
 	@echo "make bench  side-by-side benchmark: Triton direct vs through the gateway"
+	@echo "make screenshots  regenerate docs/images/status-page.png (needs Redis, chromium)"
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,16 +42,20 @@ run: $(STAMP)
 		--triton-http-port $(TRITON_HTTP_PORT) --triton-grpc-port $(TRITON_GRPC_PORT) \
 		--triton-metrics-port $(TRITON_METRICS_PORT)
 
-# System tools the integration tests use: Prometheus + promtool (Debian's `prometheus`).
-# Installed only when missing and we are root (CI, containers); otherwise a hint is printed and
-# the tests that need them skip locally (and fail under CI).
+# System tools the integration tests use: Prometheus + promtool (Debian's `prometheus`) and a
+# headless browser for the status page (Debian's `chromium`). Installed only when missing and
+# we are root (CI, containers); otherwise a hint is printed and the tests that need them skip
+# locally (and fail under CI).
 deps:
-	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
+	@missing=""; \
+	{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || missing="prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$${missing:+$$missing }chromium"; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing prometheus (promtool) with apt-get"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus \
+		echo "installing $$missing with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing \
 			>/dev/null; \
-	else echo "note: prometheus/promtool missing; run 'sudo apt-get install prometheus'"; fi
+	else echo "note: missing $$missing; run 'sudo apt-get install $$missing'"; fi
 
 test: $(STAMP) deps
 	$(VPY) -m pytest $(PYTEST_ARGS)
@@ -65,6 +70,10 @@ loadtest: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(VPY) -m loadtest.bench --start $(BENCH_ARGS)
+
+# The README's status-page picture (docs/images/status-page.png): needs Redis and chromium.
+screenshots: $(STAMP) deps
+	$(VPY) docs/screenshots.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -11,7 +11,7 @@ import numpy as np
 import structlog
 from aiohttp import web
 
-from gateway.api import admin, feedback, oip
+from gateway.api import admin, feedback, oip, ui
 from gateway.api import routes as v1
 from gateway.api.keys import METRICS, SERVICE, SETTINGS
 from gateway.api.middleware import request_context
@@ -96,6 +96,7 @@ def build_app(
     app.add_routes(oip.routes)
     app.add_routes(admin.routes)
     app.add_routes(feedback.routes)
+    app.add_routes(ui.routes)
     if obs.labels is not None:
         app[feedback.LABELS] = obs.labels
     app[admin.RELOADER] = reloader

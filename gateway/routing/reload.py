@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ class RouteReloader:
         load_catalog: Callable[[], ModelCatalog],
         interval_s: float = 0.5,
         wall_clock: Callable[[], float] = time.time,
+        history: int = 20,
     ) -> None:
         self.routes_dir = routes_dir
         self.ref = ref
@@ -77,6 +79,8 @@ class RouteReloader:
         self.interval_s = interval_s
         self.wall_clock = wall_clock
         self.last: ReloadResult | None = None
+        #: The most recent reloads, newest last (the status page lists them).
+        self.history: deque[ReloadResult] = deque(maxlen=history)
         self._seen = fingerprint(routes_dir)
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -102,6 +106,7 @@ class RouteReloader:
             self._seen = seen
             self.metrics.route_reloads.labels(result.result).inc()
             self.last = result
+            self.history.append(result)
             return result
 
     def changed(self) -> bool:
