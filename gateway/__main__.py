@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.rollout.cli import add_promote_parser
 
     add_promote_parser(sub)  # promote <model>: the metric-gated canary controller
+    from gateway.placement.cli import add_gpu_parser
+
+    add_gpu_parser(sub)  # gpu plan: GPU placement (dedicated or MPS-packed)
     return parser
 
 
