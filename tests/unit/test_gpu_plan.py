@@ -362,3 +362,19 @@ def test_cli_refuses_an_over_committed_plan_with_exit_2(
     err = capsys.readouterr().err
     assert "over-committed" in err and "GPU 0 (Tiny GPU)" in err and "short by" in err
     assert not (tmp_path / "o").exists()  # nothing written for a refused plan
+
+
+def test_readme_shows_the_planners_real_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```console\n$ python -m gateway gpu plan", 1)[1].split("```", 1)[0]
+    shown = block.split("\n$ ", 1)[0].splitlines()[2:]  # after the two command lines
+    assert shown[-1] == "wrote 11 files under var/gpu-plan"
+    inv = str(ROOT / "configs/examples/gpu-inventory.yaml")
+    loads = ["--load", "risk=800", "--load", "digits=150", "--load", "risk_distilled=50"]
+    code = main(["gpu", "plan", "--inventory", inv, *loads, "--out", str(tmp_path),
+                 "--model-repository", str(ROOT / "model_repository"),
+                 "--routes-dir", str(ROOT / "configs/routes")])  # fmt: skip
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[:-1] == shown[:-1]
