@@ -199,10 +199,13 @@ def plan(
             s for s in free if s.free >= m.memory_bytes and len(s.models) < policy.max_mps_clients
         ]
         if not fits:
+            if any(s.free >= m.memory_bytes for s in free):
+                raise PlacementError(
+                    f"model {m.name!r}: every GPU with room for it already runs "
+                    f"{policy.max_mps_clients} MPS clients (the per-GPU limit)"
+                )
             closest = max(free, key=lambda s: (s.free, -s.gpu.index))
-            raise OverCommitted(
-                m.name, m.memory_bytes, closest, max(m.memory_bytes - closest.free, 0)
-            )
+            raise OverCommitted(m.name, m.memory_bytes, closest, m.memory_bytes - closest.free)
         min(fits, key=lambda s: (s.free, s.gpu.index)).models.append(m)
 
     basis = _share_basis(packed)

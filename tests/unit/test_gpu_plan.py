@@ -120,6 +120,14 @@ def test_over_commit_message_names_the_closest_gpu_and_how_much() -> None:
     assert "GPU 0 (NVIDIA A10)" in str(exc) and "short by 2.4 GiB" in str(exc)
 
 
+def test_mps_client_limit_spills_to_the_next_gpu_then_refuses() -> None:
+    policy = PlanPolicy(max_mps_clients=2)
+    result = plan([model(n, 1) for n in "abc"], gpus(24, 24), policy)
+    assert [len(g.assignments) for g in result.gpus] == [2, 1]
+    with pytest.raises(PlacementError, match="already runs 2 MPS clients"):
+        plan([model(n, 1) for n in "abcde"], gpus(24, 24), policy)
+
+
 def test_headroom_is_configurable() -> None:
     models = [model("m", 23)]
     with pytest.raises(OverCommitted, match="less 10% headroom"):
