@@ -77,3 +77,18 @@ def test_decision_records_are_read_and_sorted(tmp_path: Path) -> None:
     path.write_text('{"ts": 1}\n')
     with pytest.raises(ValueError, match=r"risk\.jsonl:1"):
         read_decisions(path)
+
+
+def test_the_same_data_draws_the_same_pictures_at_a_fixed_size() -> None:
+    import io
+
+    from matplotlib.image import imread
+
+    from gateway.rollout.report import COMBINED_SIZE, DPI, combined_png
+
+    decisions = [Decision(T0 + 40, "rollback", 5, 0, True, False, "breach: p99")]
+    data = build("risk", answers(), decisions, bucket_s=60)
+    first = combined_png(data)
+    assert combined_png(data) == first
+    pixels = imread(io.BytesIO(first), format="png")
+    assert pixels.shape[:2] == (COMBINED_SIZE[1] * DPI, COMBINED_SIZE[0] * DPI)
