@@ -67,7 +67,7 @@ def add_gpu_parser(sub: Any) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from gateway.placement import render
+    from gateway.placement import deploy, render
     from gateway.placement.plan import PlacementError, PlanPolicy, plan
     from gateway.placement.sources import detect_gpus, load_demands, read_inventory, route_p99
 
@@ -89,7 +89,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except (PlacementError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = render.files(result, args.image or render.TRITON_IMAGE)
+    out = render.files(result, args.image or deploy.TRITON_IMAGE)
     sys.stdout.write(out["plan.txt"])
     if args.out is not None:
         for rel, text in out.items():

@@ -13,7 +13,7 @@ import yaml
 
 from gateway.__main__ import main
 from gateway.config import load_settings
-from gateway.placement import render
+from gateway.placement import deploy, render
 from gateway.placement.plan import (
     GIB,
     Gpu,
@@ -274,7 +274,7 @@ def sample_plan() -> Any:
 
 
 def test_compose_override_pins_devices_and_feeds_the_gateway_valid_settings() -> None:
-    override = render.compose_override(sample_plan())
+    override = deploy.compose_override(sample_plan())
     svcs = override["services"]
     assert sorted(svcs) == ["gateway", "triton-gpu0-fraud", "triton-gpu1-b", "triton-gpu1-risk-v"]
     devices = {
@@ -299,7 +299,7 @@ def test_compose_override_pins_devices_and_feeds_the_gateway_valid_settings() ->
 
 
 def test_k8s_overlays_split_dedicated_and_shared() -> None:
-    out = render.k8s_overlays(sample_plan())
+    out = deploy.k8s_overlays(sample_plan())
     assert sorted(out) == [
         "k8s/gpu-dedicated/gateway-servers-patch.yaml",
         "k8s/gpu-dedicated/kustomization-placement.yaml",
