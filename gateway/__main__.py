@@ -83,9 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.predlog.commands import add_parsers as add_data_parsers
 
     add_data_parsers(sub)  # labels join, features load
-    from gateway.rollout.cli import add_promote_parser
+    from gateway.rollout.cli import add_promote_parser, add_rollout_parser
 
     add_promote_parser(sub)  # promote <model>: the metric-gated canary controller
+    add_rollout_parser(sub)  # rollout report: the canary's progress as one HTML page
+    from gateway.placement.cli import add_gpu_parser
+
+    add_gpu_parser(sub)  # gpu plan: GPU placement (dedicated or MPS-packed)
     return parser
 
 

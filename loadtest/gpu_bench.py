@@ -3,14 +3,21 @@
     python -m loadtest.gpu_bench --dry-run --out /tmp/gpu-repo   # build + validate, no GPU
     python -m loadtest.gpu_bench --json docs/gpu_bench.json       # on a machine with a GPU
 
-Cases (each a fresh tritonserver on its own model repository):
-  batching-off / batching-on         dynamic batching's gain on one instance
-  instances-1 / instances-2 (on)     more model instances on the same GPU
-  shared-gpu / shared-gpu-mps        two models on GPU 0, without and with the MPS daemon
-  dedicated-gpu                      the second model alone on GPU 1 (needs 2 GPUs)
+Cases (each fresh tritonserver(s) on its own model repository), all in one run by default:
+  batching-off / batching-on(-10ms)  dynamic batching's gain (5 ms and 10 ms queue windows)
+  instances-2                        two model instances on the same GPU
+  shared-gpu / shared-gpu-mps        two models on GPU 0 in one tritonserver, without and
+                                     with the MPS daemon
+  planned-mps                        the `gpu plan` MPS layout: one tritonserver per model on
+                                     GPU 0, each capped by the planner's
+                                     CUDA_MPS_ACTIVE_THREAD_PERCENTAGE
+  alone-gpu0                         one model with GPU 0 to itself (the dedicated reference)
+  dedicated-gpu                      mlp_a alone on GPU 0 and mlp_b on GPU 1 (needs 2 GPUs)
 For each: throughput, p50/p99, batch_fill_ratio (Triton's inference count over execution
 count, divided by max_batch_size) and mean GPU utilisation (pynvml, sampled during the run).
 ``--gateway`` adds the same load through a gateway's /v2 surface (`serve --workers N`).
+``--dry-run`` builds and checks every case it would run (configs parse as Triton's
+ModelConfig, batching windows in 5-10 ms, GPU indexes, MPS shares) and prints the plan.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -26,16 +34,18 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gateway.tritonserver import TritonInstallation
 from loadtest.stats import summarize
 
 WIDTH, DEPTH, MAX_BATCH = 4096, 8, 64  # ~134 M multiply-adds per row: compute-bound in FP16
+STARTUP_S = 30.0  # rough tritonserver + torch start per case, for the dry run's estimate
 
 MODEL_PY = '''"""A torch MLP on the GPU; tensors cross the backend boundary by DLPack (no copy)."""
 import json
@@ -77,7 +87,7 @@ class ModelSpec:
     batching: bool = True
     instances: int = 1
     gpus: tuple[int, ...] = (0,)
-    queue_delay_us: int = 2000
+    queue_delay_us: int = 5000  # the architecture's 5-10 ms batching budget
 
     def config(self) -> str:
         batching = (
@@ -106,14 +116,41 @@ class Case:
     models: tuple[ModelSpec, ...]
     mps: bool = False
     min_gpus: int = 1
+    #: One tritonserver per model (MPS caps threads per process), with these env vars each.
+    server_per_model: bool = False
+    model_env: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+
+    def env(self, model: str) -> dict[str, str]:
+        return dict(dict(self.model_env).get(model, ()))
+
+
+#: GPU memory of one mlp instance: FP16 weights and biases, plus a CUDA context with torch.
+MLP_BYTES = DEPTH * (WIDTH * WIDTH + WIDTH) * 2 + (1 << 30)
+
+
+def planned_mps_case(models: tuple[str, ...] = ("mlp_a", "mlp_b")) -> Case:
+    """What `python -m gateway gpu plan` decides for these models on one GPU, as a case."""
+    from gateway.placement.plan import Gpu, ModelDemand, plan
+
+    placed = plan([ModelDemand(m, MLP_BYTES) for m in models], [Gpu(0, "bench GPU", 80 << 30)])
+    env = tuple(
+        (a.model, (("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", str(a.mps_thread_pct)),))
+        for a in placed.assignments()
+        if a.mps_thread_pct is not None
+    )
+    specs = tuple(ModelSpec(a.model, gpus=(a.gpu,)) for a in placed.assignments())
+    return Case("planned-mps", specs, mps=True, server_per_model=True, model_env=env)
 
 
 CASES = (
     Case("batching-off", (ModelSpec("mlp", batching=False),)),
     Case("batching-on", (ModelSpec("mlp"),)),
+    Case("batching-on-10ms", (ModelSpec("mlp", queue_delay_us=10_000),)),
     Case("instances-2", (ModelSpec("mlp", instances=2),)),
     Case("shared-gpu", (ModelSpec("mlp_a"), ModelSpec("mlp_b"))),
     Case("shared-gpu-mps", (ModelSpec("mlp_a"), ModelSpec("mlp_b")), mps=True),
+    planned_mps_case(),
+    Case("alone-gpu0", (ModelSpec("mlp_a"),)),
     Case("dedicated-gpu", (ModelSpec("mlp_a", gpus=(0,)), ModelSpec("mlp_b", gpus=(1,))),
          min_gpus=2),
 )  # fmt: skip
@@ -129,8 +166,9 @@ def build_repository(case: Case, root: Path) -> Path:
     return repo
 
 
-def validate_repository(repo: Path) -> list[str]:
-    """Parse every config.pbtxt as Triton's ModelConfig and compile every model.py."""
+def validate_repository(repo: Path, min_gpus: int = 1) -> list[str]:
+    """Parse every config.pbtxt as Triton's ModelConfig and compile every model.py; dynamic
+    batching windows must be 5-10 ms and GPU indexes below the case's GPU count."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -141,9 +179,36 @@ def validate_repository(repo: Path) -> list[str]:
             raise ValueError(f"{cfg}: name {msg.name!r} is not the folder's")
         if msg.instance_group[0].kind != model_config_pb2.ModelInstanceGroup.KIND_GPU:
             raise ValueError(f"{cfg}: not KIND_GPU")
+        if any(g >= min_gpus for group in msg.instance_group for g in group.gpus):
+            raise ValueError(f"{cfg}: a GPU index beyond the case's {min_gpus} GPU(s)")
+        if msg.HasField("dynamic_batching"):
+            delay = msg.dynamic_batching.max_queue_delay_microseconds
+            if not 5000 <= delay <= 10_000:
+                raise ValueError(f"{cfg}: batching window {delay} us is outside 5-10 ms")
         compile((cfg.parent / "1" / "model.py").read_text(), str(cfg.parent / "1"), "exec")
         names.append(msg.name)
     return names
+
+
+def validate_case(case: Case, root: Path) -> str:
+    """Build and check one case; a line saying what it would run."""
+    models = validate_repository(build_repository(case, root), case.min_gpus)
+    if case.model_env and not case.mps:
+        raise ValueError(f"{case.name}: MPS thread percentages without MPS")
+    pct = [int(case.env(m).get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", 0)) for m in models]
+    if sum(pct) > 100 or any(not 0 <= p <= 100 for p in pct):
+        raise ValueError(f"{case.name}: MPS thread percentages {pct} exceed one GPU")
+    parts = []
+    for spec in case.models:
+        window = f"batching {spec.queue_delay_us / 1000:g} ms" if spec.batching else "no batching"
+        env = " ".join(f"{k}={v}" for k, v in case.env(spec.name).items())
+        gpus = ",".join(map(str, spec.gpus))
+        parts.append(
+            f"{spec.name} (gpu {gpus}, x{spec.instances}, {window}{', ' + env if env else ''})"
+        )
+    servers = len(case.models) if case.server_per_model else 1
+    mps = ", MPS" if case.mps else ""
+    return f"{case.name}: {'; '.join(parts)}; {servers} tritonserver(s){mps}"
 
 
 # -- measuring -----------------------------------------------------------------------------
@@ -250,31 +315,66 @@ def _mps(enabled: bool) -> Iterator[None]:
         subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", check=False)
 
 
-def run_case(case: Case, root: Path, args: argparse.Namespace) -> list[Result]:
+@dataclass(frozen=True)
+class _EnvInstallation(TritonInstallation):
+    """The wheel's tritonserver with extra environment variables (a per-process MPS cap)."""
+
+    extra_env: tuple[tuple[str, str], ...] = ()
+
+    def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        return {**super().environment(base), **dict(self.extra_env)}
+
+
+def _servers(case: Case, repo: Path, root: Path) -> dict[str, Any]:
+    """model -> its TritonServer (one for all, or one per model with its env), not started."""
     from gateway.tritonserver import TritonOptions, TritonPorts, TritonServer
 
-    repo = build_repository(case, root)
-    results = []
-    with (
-        _mps(case.mps),
-        TritonServer(
+    if not case.server_per_model:
+        server = TritonServer(
             TritonOptions(model_repository=repo, ports=TritonPorts.free()),
             log_file=root / f"{case.name}.log",
             ready_timeout_s=600,
-        ) as server,
-    ):
-        gateway = _start_gateway(server, args.gateway, root) if args.gateway else None
+        )
+        return {m.name: server for m in case.models}
+    base = TritonInstallation.locate()
+    out = {}
+    for m in case.models:
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+        installation = _EnvInstallation(**fields, extra_env=tuple(case.env(m.name).items()))
+        out[m.name] = TritonServer(
+            TritonOptions(model_repository=repo, ports=TritonPorts.free(),
+                          model_control_mode="explicit", load_models=(m.name,)),
+            installation=installation,
+            log_file=root / f"{case.name}-{m.name}.log",
+            ready_timeout_s=600,
+        )  # fmt: skip
+    return out
+
+
+def run_case(case: Case, root: Path, args: argparse.Namespace) -> list[Result]:
+    repo = build_repository(case, root)
+    results = []
+    servers = _servers(case, repo, root)
+    unique = list(dict.fromkeys(servers.values()))
+    with _mps(case.mps), contextlib.ExitStack() as stack:
+        for server in unique:
+            stack.enter_context(server)
+        gateway = _start_gateway(servers, args.gateway, root) if args.gateway else None
         try:
-            paths = [("triton-grpc", server.grpc_url, True)]
+            paths: list[tuple[str, dict[str, str], bool]] = [
+                ("triton-grpc", {m: s.grpc_url for m, s in servers.items()}, True)
+            ]
             if gateway:
-                paths.append(("gateway-v2", gateway[0], False))
-            for path, url, grpc_ in paths:
-                before = {m.name: _triton_counts(server.metrics_url, m.name) for m in case.models}
+                paths.append(("gateway-v2", {m: gateway[0] for m in servers}, False))
+            for path, urls, grpc_ in paths:
+                before = {
+                    m.name: _triton_counts(servers[m.name].metrics_url, m.name) for m in case.models
+                }
                 with GpuSampler() as gpu:
-                    summaries = asyncio.run(_all(url, case, args, grpc_))
+                    summaries = asyncio.run(_all(urls, case, args, grpc_))
                 for spec, s in zip(case.models, summaries, strict=True):
                     inf0, exe0 = before[spec.name]
-                    inf1, exe1 = _triton_counts(server.metrics_url, spec.name)
+                    inf1, exe1 = _triton_counts(servers[spec.name].metrics_url, spec.name)
                     fill = (inf1 - inf0) / (exe1 - exe0) / MAX_BATCH if exe1 > exe0 else None
                     results.append(
                         Result(case.name, path, spec.name, s.throughput, s.p50, s.p99,
@@ -288,23 +388,38 @@ def run_case(case: Case, root: Path, args: argparse.Namespace) -> list[Result]:
     return results
 
 
-async def _all(url: str, case: Case, args: argparse.Namespace, grpc_: bool) -> list[Any]:
+async def _all(
+    urls: Mapping[str, str], case: Case, args: argparse.Namespace, grpc_: bool
+) -> list[Any]:
     return list(
         await asyncio.gather(
-            *(_load(url, m.name, args.concurrency, args.duration, grpc_) for m in case.models)
+            *(
+                _load(urls[m.name], m.name, args.concurrency, args.duration, grpc_)
+                for m in case.models
+            )
         )
     )
 
 
-def _start_gateway(server: Any, workers: int, root: Path) -> tuple[str, subprocess.Popen]:
+def _start_gateway(
+    servers: Mapping[str, Any], workers: int, root: Path
+) -> tuple[str, subprocess.Popen]:
     import os
 
     from gateway.tritonserver import free_port
 
     port = free_port()
+    first = next(iter(servers.values()))
+    # One pool entry per distinct tritonserver, each asked only for the models it serves.
+    pool: dict[str, list[str]] = {}
+    for model, server in servers.items():
+        pool.setdefault(server.grpc_url, []).append(model)
+    spec = [{"name": f"t{i}", "grpc_url": url, "models": models}
+            for i, (url, models) in enumerate(pool.items())]  # fmt: skip
     env = {
         **os.environ,
-        "SWITCHYARD__TRITON__GRPC_URL": server.grpc_url,
+        "SWITCHYARD__TRITON__GRPC_URL": first.grpc_url,
+        "SWITCHYARD__TRITON__SERVERS": json.dumps(spec),
         "SWITCHYARD__SERVER__PORT": str(port),
         "SWITCHYARD__SERVER__HOST": "127.0.0.1",
         "SWITCHYARD__LOG__LEVEL": "warning",
@@ -357,17 +472,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="where repositories go (default: a temp dir)")
     p.add_argument("--cases", default=",".join(c.name for c in CASES))
     p.add_argument("--concurrency", type=int, default=256, help="clients per model")
-    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--duration", type=float, default=15.0, help="seconds of load per case and path")
     p.add_argument("--gateway", type=int, default=0, help="also via a gateway of N workers")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     wanted = [c for c in CASES if c.name in args.cases.split(",")]
     root = args.out or Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     root.mkdir(parents=True, exist_ok=True)
+    unknown = set(args.cases.split(",")) - {c.name for c in CASES}
+    if unknown:
+        print(f"error: unknown case(s) {sorted(unknown)}", file=sys.stderr)
+        return 2
     if args.dry_run:
         for case in wanted:
-            models = validate_repository(build_repository(case, root))
-            print(f"{case.name}: {', '.join(models)} ok ({root / case.name})")
+            print(validate_case(case, root))
+        per_case = args.duration * (2 if args.gateway else 1) + STARTUP_S
+        print(f"{len(wanted)} cases, about {len(wanted) * per_case / 60:.1f} min on a GPU "
+              f"({args.duration:g} s per load phase + ~{STARTUP_S:g} s start each); "
+              f"repositories under {root}")  # fmt: skip
         return 0
     gpus = gpu_count()
     if gpus == 0:

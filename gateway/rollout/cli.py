@@ -1,8 +1,9 @@
 """`python -m gateway promote <model>`: run the canary controller once or in a loop.
+`python -m gateway rollout report --model M --out report.html`: the rollout in pictures.
 
 Registered by `gateway.__main__`; gateway modules load inside the handler to keep the CLI
-light. Exit codes: 0 evaluated (whatever the verdict), 1 the route or Redis failed, 2 bad
-settings.
+light. Exit codes: 0 evaluated (whatever the verdict) or written, 1 the route, Redis or the
+data failed, 2 bad settings.
 """
 
 from __future__ import annotations
@@ -87,3 +88,74 @@ def cmd_promote(args: argparse.Namespace) -> int:
     except SwitchyardError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
+
+
+def add_rollout_parser(sub: Any) -> None:
+    rollout = sub.add_parser("rollout", help="canary rollout reports")
+    rsub = rollout.add_subparsers(dest="rollout_command", required=True, metavar="ACTION")
+    p = rsub.add_parser("report", help="one self-contained HTML page: latency, errors, "
+                        "accuracy delta, traffic share and decisions over time")  # fmt: skip
+    p.add_argument("--model", required=True, help="public model name (its stream and records)")
+    p.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+    p.add_argument("--png", type=Path, default=None, help="also every panel in one PNG")
+    p.add_argument("--since-s", type=float, default=None, help="only the last N seconds")
+    p.add_argument("--bucket-s", type=float, default=None, help="bucket width (default: auto)")
+    p.add_argument("--config", type=Path, default=Path("configs/gateway.yaml"))
+    p.add_argument("--redis-url", default=None, help="override redis.url")
+    p.add_argument("--record-dir", type=Path, default=None, help="override rollout.record_dir")
+    p.set_defaults(handler=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import time
+
+    from gateway.config import ConfigError, load_settings
+    from gateway.errors import SwitchyardError
+    from gateway.observability import redis_client
+    from gateway.predlog.feedback import LabelStore
+    from gateway.rollout import report, report_data
+
+    try:
+        settings = load_settings(args.config if args.config.exists() else None,
+                                 redis_url=args.redis_url)  # fmt: skip
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not settings.redis.url:
+        print("error: redis.url is empty; the prediction log is read from Redis", file=sys.stderr)
+        return 2
+
+    async def read() -> list[report_data.Answer]:
+        client = redis_client(settings)
+        assert client is not None
+        fb = settings.feedback
+        try:
+            return await report_data.read_answers(
+                client,
+                LabelStore(client, fb.label_prefix, fb.label_ttl_s),
+                f"{settings.predlog.stream_prefix}:{args.model}",
+            )
+        finally:
+            await client.aclose()
+
+    record_dir = args.record_dir or settings.rollout.record_dir
+    try:
+        answers = asyncio.run(read())
+        decisions = report_data.read_decisions(record_dir / f"{args.model}.jsonl")
+        since = None if args.since_s is None else time.time() - args.since_s
+        data = report_data.build(args.model, answers, decisions, args.bucket_s, since)
+    except SwitchyardError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    images = report.panel_pngs(data)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report.html_page(data, images))
+    if args.png is not None:
+        args.png.parent.mkdir(parents=True, exist_ok=True)
+        args.png.write_bytes(report.combined_png(data))
+    arms = ", ".join(f"{t.arm} ({t.count})" for t in data.totals)
+    print(f"{args.out}: {len(images)} panels, {len(data.decisions)} decisions; arms {arms}")
+    return 0

@@ -80,12 +80,45 @@ def test_gpu_bench_builds_valid_kind_gpu_repositories(tmp_path: Path) -> None:
     from loadtest.gpu_bench import CASES, build_repository, validate_repository
 
     for case in CASES:
-        names = validate_repository(build_repository(case, tmp_path))
+        names = validate_repository(build_repository(case, tmp_path), case.min_gpus)
         assert names == sorted(m.name for m in case.models)
     cfg = (tmp_path / "batching-off" / "mlp" / "config.pbtxt").read_text()
     assert "dynamic_batching" not in cfg
     assert "dynamic_batching" in (tmp_path / "batching-on" / "mlp" / "config.pbtxt").read_text()
     assert "gpus: [ 1 ]" in (tmp_path / "dedicated-gpu" / "mlp_b" / "config.pbtxt").read_text()
+
+
+def test_gpu_bench_dry_run_checks_every_configuration_of_the_issue(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Batching off and on (5-10 ms), two models on one GPU with and without MPS, the
+    planner's MPS layout, one model alone: all validated in one dry run."""
+    from loadtest.gpu_bench import main as gpu_bench
+
+    assert gpu_bench(["--dry-run", "--out", str(tmp_path)]) == 0
+    lines = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "no batching" in lines["batching-off"]
+    assert "batching 5 ms" in lines["batching-on"]
+    assert "batching 10 ms" in lines["batching-on-10ms"]
+    assert "MPS" not in lines["shared-gpu"] and lines["shared-gpu-mps"].endswith("MPS")
+    assert lines["alone-gpu0"].startswith("alone-gpu0: mlp_a (gpu 0")
+    planned = lines["planned-mps"]
+    assert "2 tritonserver(s), MPS" in planned
+    assert planned.count("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50") == 2
+
+
+def test_gpu_bench_refuses_a_window_outside_5_to_10_ms_and_stray_gpus(tmp_path: Path) -> None:
+    from loadtest.gpu_bench import Case, ModelSpec, validate_case
+
+    with pytest.raises(ValueError, match="outside 5-10 ms"):
+        validate_case(Case("short", (ModelSpec("m", queue_delay_us=2000),)), tmp_path)
+    with pytest.raises(ValueError, match="beyond the case's 1 GPU"):
+        validate_case(Case("two", (ModelSpec("m", gpus=(1,)),)), tmp_path)
+    over = (("a", (("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "60"),)),
+            ("b", (("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "60"),)))  # fmt: skip
+    with pytest.raises(ValueError, match="exceed one GPU"):
+        pair = (ModelSpec("a"), ModelSpec("b"))
+        validate_case(Case("over", pair, mps=True, server_per_model=True, model_env=over), tmp_path)
 
 
 def test_pin_spec_parses_sides_and_ranges() -> None:
