@@ -41,16 +41,20 @@ run: $(STAMP)
 		--triton-http-port $(TRITON_HTTP_PORT) --triton-grpc-port $(TRITON_GRPC_PORT) \
 		--triton-metrics-port $(TRITON_METRICS_PORT)
 
-# System tools the integration tests use: Prometheus + promtool (Debian's `prometheus`).
-# Installed only when missing and we are root (CI, containers); otherwise a hint is printed and
-# the tests that need them skip locally (and fail under CI).
+# System tools the tests use: Prometheus + promtool (Debian's `prometheus`) and kubectl for
+# `kubectl kustomize` of deploy/k8s (Debian's `kubernetes-client`). Installed only when missing
+# and we are root (CI, containers); otherwise a hint is printed and the tests that need them
+# skip locally (and fail under CI).
 deps:
-	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
+	@missing=""; \
+	{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || missing="prometheus"; \
+	command -v kubectl >/dev/null 2>&1 || missing="$${missing:+$$missing }kubernetes-client"; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing prometheus (promtool) with apt-get"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus \
+		echo "installing $$missing with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing \
 			>/dev/null; \
-	else echo "note: prometheus/promtool missing; run 'sudo apt-get install prometheus'"; fi
+	else echo "note: missing $$missing; run 'sudo apt-get install $$missing'"; fi
 
 test: $(STAMP) deps
 	$(VPY) -m pytest $(PYTEST_ARGS)
