@@ -329,6 +329,57 @@ def test_gateway_pods_are_hardened_and_spread(rendered) -> None:
     assert selects(pdb["spec"]["selector"], labels)
 
 
+#: Volume sources Pod Security "restricted" admits.
+RESTRICTED_VOLUMES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+    "projected", "secret",
+}  # fmt: skip
+
+
+def restricted_violations(template: Obj) -> list[str]:
+    """What Pod Security "restricted" would refuse in a pod template (the checks that apply
+    to these manifests: users, privilege, capabilities, seccomp, volume types, host access)."""
+    spec, found = template["spec"], []
+    pod_sc = spec.get("securityContext", {})
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            found.append(key)
+    for v in spec.get("volumes", []):
+        if not set(v) - {"name"} <= RESTRICTED_VOLUMES:
+            found.append(f"volume {v['name']}: {sorted(set(v) - {'name'})}")
+    for c in containers(template):
+        sc = {**pod_sc, **c.get("securityContext", {})}
+        where = c["name"]
+        if sc.get("runAsNonRoot") is not True or sc.get("runAsUser") == 0:
+            found.append(f"{where}: may run as root")
+        if sc.get("privileged") or sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{where}: privilege escalation")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{where}: capabilities {caps}")
+        if sc.get("seccompProfile", {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{where}: seccomp")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            found.append(f"{where}: hostPort")
+    return found
+
+
+def test_pods_pass_the_pod_security_level_of_their_namespace(rendered) -> None:
+    for overlay, objs in rendered.items():
+        labels = one(objs, "Namespace", NAMESPACE)["metadata"]["labels"]
+        level = labels["pod-security.kubernetes.io/enforce"]
+        assert level == ("privileged" if overlay == "gpu-shared" else "restricted"), overlay
+        if level != "restricted":
+            continue
+        for workload, template in pod_specs(objs):
+            found = restricted_violations(template)
+            assert not found, f"{overlay}: {workload['metadata']['name']}: {found}"
+    # The checker itself: gpu-shared's pods are the ones it must refuse.
+    pods = {w["metadata"]["name"]: t for w, t in pod_specs(rendered["gpu-shared"])}
+    assert restricted_violations(pods["mps-control-daemon"])
+    assert any("volume" in f for f in restricted_violations(pods["triton"]))
+
+
 def test_hpa_scales_the_gateway_on_cpu_and_in_flight_requests(rendered) -> None:
     adapter = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
     served = {r["name"]["as"] for r in adapter["rules"]["custom"]}
