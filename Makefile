@@ -42,14 +42,15 @@ run: $(STAMP)
 		--triton-http-port $(TRITON_HTTP_PORT) --triton-grpc-port $(TRITON_GRPC_PORT) \
 		--triton-metrics-port $(TRITON_METRICS_PORT)
 
-# System tools the integration tests use: Prometheus + promtool (Debian's `prometheus`) and a
-# headless browser for the status page (Debian's `chromium`). Installed only when missing and
-# we are root (CI, containers); otherwise a hint is printed and the tests that need them skip
-# locally (and fail under CI).
+# System tools the tests use: Prometheus + promtool (Debian's `prometheus`), kubectl for
+# `kubectl kustomize` of deploy/k8s (Debian's `kubernetes-client`) and headless Chromium for
+# the status page. Installed only when missing and we are root (CI, containers); otherwise a
+# hint is printed and the tests that need them skip locally (and fail under CI).
 deps:
 	@missing=""; \
 	{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || missing="prometheus"; \
 	command -v chromium >/dev/null 2>&1 || missing="$${missing:+$$missing }chromium"; \
+	command -v kubectl >/dev/null 2>&1 || missing="$${missing:+$$missing }kubernetes-client"; \
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing $$missing with apt-get"; \

@@ -371,6 +371,10 @@ def load_route_table(routes_dir: Path, catalog: ModelCatalog | None = None) -> R
     """Read and validate every `*.yaml` in the directory; raises RouteError on the first bad one."""
     routes: dict[str, Route] = {}
     for path in sorted(routes_dir.glob("*.yaml")):
+        if path.is_symlink() and not path.exists():
+            # A ConfigMap key being removed: the kubelet swaps `..data` first and deletes the
+            # key's symlink after, so for a moment it points at nothing. The key is gone.
+            continue
         try:
             content = path.read_bytes()
         except OSError as exc:
