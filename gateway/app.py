@@ -30,6 +30,8 @@ from gateway.routing.readiness import VersionGate
 from gateway.routing.reload import RouteReloader
 from gateway.routing.shadow import ShadowDispatcher
 from gateway.routing.table import RouteTableRef, load_route_table
+from gateway.security.rest import GUARD
+from gateway.security.wiring import build_security
 from gateway.service import InferenceService
 
 log = structlog.get_logger(__name__)
@@ -88,9 +90,13 @@ def build_app(
     )
     reloader = _route_reloader(settings, service, shadow, metrics)
 
+    security = build_security(settings, metrics.registry)  # API keys, scopes, rate limits
     app = web.Application(
-        middlewares=[request_context], client_max_size=settings.server.max_body_bytes
+        middlewares=[request_context, *security.middlewares],
+        client_max_size=settings.server.max_body_bytes,
     )
+    app[GUARD] = security.guard  # the gRPC server admits calls through the same guard
+    app.cleanup_ctx.append(security.ctx)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[SERVICE] = service

@@ -33,7 +33,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ServerSettings:
-    host: str = "0.0.0.0"
+    #: Loopback unless told otherwise: the image (compose, Kubernetes) sets 0.0.0.0 by env.
+    host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 1 << 20
     max_batch_items: int = 256
@@ -169,6 +170,29 @@ class TelemetrySettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """API keys with scopes and rate limits (gateway/security). Off: every caller is
+    "anonymous" with every scope, as before."""
+
+    enabled: bool = False
+    #: Hashes, scopes, rates, tenants (`python -m gateway keys create`); re-read on change.
+    keys_file: Path = Path("var/auth/keys.yaml")
+    reload_interval_s: float = 0.5
+    #: /metrics needs an admin key (give Prometheus one); off: open like the health checks.
+    protect_metrics: bool = False
+    #: /v2 model metadata needs a read key.
+    protect_metadata: bool = False
+    #: Shared rate per tenant: {tenant: requests_per_s} or {tenant: {rate, burst}}; the key
+    #: file's own `tenants:` section wins over this.
+    tenants: Mapping[str, Any] = field(default_factory=dict)
+    #: Redis keys of the limiter: <prefix>:{t:<tenant>}:... (redis.url; none: per process).
+    ratelimit_prefix: str = "rl"
+    #: Slower than this, or unreachable: the per-process limiter decides.
+    ratelimit_timeout_s: float = 0.1
+    ratelimit_retry_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
     json: bool = True
@@ -188,6 +212,7 @@ class Settings:
     resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
     #: Coalescing of concurrent single-row calls per target (gateway/batching.py).
     batching: BatchingPolicy = field(default_factory=BatchingPolicy)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def resolve_paths(self, base: Path) -> Settings:
