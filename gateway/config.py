@@ -146,6 +146,12 @@ class FeaturesSettings:
 class FeedbackSettings:
     label_prefix: str = "label"
     label_ttl_s: int = 30 * 86_400
+    #: Take a label only for a request id this deployment answered: the prediction log sets
+    #: <answered_prefix>:<request_id> with each entry it writes (one small key per answer).
+    require_answered: bool = True
+    answered_prefix: str = "answered"
+    #: How long after its answer a request id can still take a label.
+    answered_ttl_s: int = 86_400
     #: Continuous label join inside the gateway; 0 disables it.
     join_interval_s: float = 0.0
     join_window_s: float = 86_400.0

@@ -103,7 +103,13 @@ def build_observability(
 ) -> Observability:
     p, f, t = settings.predlog, settings.features, settings.telemetry
     client = redis_client(settings)
-    writer = StreamWriter(client, p.stream_prefix, p.maxlen, p.dedupe_ttl_s) if client else None
+    fb = settings.feedback
+    answered = fb.answered_prefix if fb.require_answered else None  # feedback integrity
+    writer = (
+        StreamWriter(client, p.stream_prefix, p.maxlen, p.dedupe_ttl_s, answered, fb.answered_ttl_s)
+        if client
+        else None
+    )
     predlog = PredictionLog(
         # With Redis the spool is a write-ahead log rotated by age too, so confirmed segments
         # go within about segment_max_age_s; without it, the segments are the log.
@@ -132,8 +138,7 @@ def build_observability(
         obs.features = FeatureStore(
             client, metrics, f.key_prefix, f.timeout_ms, f.cache_ttl_s, f.cache_size, clock
         )
-        fb = settings.feedback
-        obs.labels = LabelStore(client, fb.label_prefix, fb.label_ttl_s)
+        obs.labels = LabelStore(client, fb.label_prefix, fb.label_ttl_s, answered)
     if t.triton_scrape_interval_s > 0 and settings.triton.metrics_url:
         obs.scraper = TritonMetricsScraper(
             settings.triton.metrics_url, metrics, t.triton_scrape_interval_s
