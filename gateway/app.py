@@ -31,6 +31,7 @@ from gateway.routing.reload import RouteReloader
 from gateway.routing.shadow import ShadowDispatcher
 from gateway.routing.table import RouteTableRef, load_route_table
 from gateway.security.rest import GUARD
+from gateway.security.secrets import sticky_secret
 from gateway.security.wiring import build_security
 from gateway.service import InferenceService
 
@@ -43,7 +44,7 @@ def build_app(
     """Wire every component from settings. Tests pass a FakeBackend and a fake clock."""
     metrics = Metrics(multiprocess_dir=os.environ.get(MULTIPROC_ENV))
     catalog = ModelCatalog.load(settings.routing.model_repository)
-    table = load_route_table(settings.routing.routes_dir, catalog)
+    table = load_route_table(settings.routing.routes_dir, catalog, sticky_secret(settings))
     pool = build_pool(settings, metrics, clock) if backend is None else None
     if isinstance(backend, BackendPool) and backend.metrics is None:
         backend.metrics = metrics  # a pool built by a test reports into this app's registry
@@ -189,6 +190,7 @@ def _route_reloader(
         load_catalog=lambda: ModelCatalog.load(r.model_repository),
         on_catalog=use_catalog,
         interval_s=r.reload_interval_s,
+        sticky_secret=sticky_secret(settings),
     )
 
 

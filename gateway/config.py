@@ -98,6 +98,10 @@ class RoutingSettings:
     #: Shadow copies in flight at once; more are dropped (and counted), never queued.
     shadow_max_in_flight: int = 64
     shadow_timeout_s: float = 2.0
+    #: Secret keying the sticky-split buckets (same on every replica); from the environment
+    #: (SWITCHYARD__ROUTING__STICKY_SALT) or a file, never the YAML. Empty: the route name.
+    sticky_salt: str = ""
+    sticky_salt_file: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -69,8 +69,10 @@ class RouteReloader:
         on_catalog: Callable[[ModelCatalog], None] = lambda _: None,
         interval_s: float = 0.5,
         wall_clock: Callable[[], float] = time.time,
+        sticky_secret: str = "",
     ) -> None:
         self.routes_dir = routes_dir
+        self.sticky_secret = sticky_secret
         self.ref = ref
         self.gate = gate
         self.metrics = metrics
@@ -90,7 +92,7 @@ class RouteReloader:
             seen = fingerprint(self.routes_dir)
             try:
                 catalog = self.load_catalog()
-                table = load_route_table(self.routes_dir, catalog)
+                table = load_route_table(self.routes_dir, catalog, self.sticky_secret)
                 await self.gate.check(table, self.ref.current, catalog)
             except (RouteError, OSError, ValueError, KeyError) as exc:
                 result = ReloadResult("rejected", self.wall_clock(), reason, str(exc))
