@@ -133,7 +133,16 @@ class PredlogSettings:
     #: Share of entries that carry the full (redacted) input payload.
     sample_rate: float = 0.0
     #: Key for hashing redacted fields, so low-entropy ids cannot be looked up by brute force.
+    #: From the environment (SWITCHYARD__PREDLOG__REDACT_SALT) or redact_salt_file.
     redact_salt: str = ""
+    redact_salt_file: Path | None = Path("var/secrets/redact_salt")
+    #: Redaction on, no salt anywhere: generate one into redact_salt_file (one host); false:
+    #: refuse to start instead.
+    generate_redact_salt: bool = True
+    #: Hashed in every model's entries, on top of each policy's own `hash` list.
+    hash_always: tuple[str, ...] = ("entity_id",)
+    #: The only context keys a sampled payload keeps; the rest (free text) never reach the log.
+    context_allow: tuple[str, ...] = ("segment", "channel", "deadline_ms")
     #: Per public model name: {hash: [field...], drop: [field...], sample_rate: x}.
     policies: Mapping[str, Any] = field(default_factory=dict)
 
