@@ -57,6 +57,23 @@ def required_scope(
     return "admin"
 
 
+#: gRPC (inference.GRPCInferenceService) methods that are always open.
+GRPC_OPEN = frozenset({"ServerLive", "ServerReady"})
+
+
+def grpc_scope(method: str, protect_metadata: bool = False) -> str | None:
+    """The scope a gRPC method needs, by its short name (``ModelInfer``) or full path
+    (``/inference.GRPCInferenceService/ModelInfer``); same rules as REST."""
+    name = method.rsplit("/", 1)[-1]
+    if name in GRPC_OPEN:
+        return None
+    if name in ("ModelInfer", "ModelStreamInfer"):
+        return "predict"
+    if name in ("ServerMetadata", "ModelMetadata", "ModelReady", "ModelConfig"):
+        return "read" if protect_metadata else None
+    return "admin"  # repository control, statistics, shared memory: operators only
+
+
 def presented_key(authorization: str | None, api_key: str | None = None) -> str | None:
     """The key in an ``Authorization: Bearer`` value, else in ``X-API-Key``."""
     if authorization:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.security.authn import Authenticator, Principal, required_scope
+from gateway.security.authn import Authenticator, Principal, grpc_scope, required_scope
 from gateway.security.ratelimit import Decision, RateLimiter
 
 
@@ -23,6 +23,9 @@ class Guard:
 
     def scope_for(self, path: str) -> str | None:
         return required_scope(path, self.protect_metrics, self.protect_metadata)
+
+    def grpc_scope_for(self, method: str) -> str | None:
+        return grpc_scope(method, self.protect_metadata)
 
     async def admit(
         self, presented: str | None, scope: str | None

@@ -10,7 +10,13 @@ import pytest
 
 from gateway.__main__ import main
 from gateway.errors import Forbidden, Unauthorized
-from gateway.security.authn import ANONYMOUS, Authenticator, presented_key, required_scope
+from gateway.security.authn import (
+    ANONYMOUS,
+    Authenticator,
+    grpc_scope,
+    presented_key,
+    required_scope,
+)
 from gateway.security.keys import (
     KEY_PREFIX,
     KeyFile,
@@ -89,6 +95,14 @@ def test_scopes_map_endpoints_and_health_stays_open() -> None:
     assert required_scope("/v2/models/risk", protect_metadata=True) == "read"
     assert required_scope("/v2", protect_metadata=True) == "read"
     assert required_scope("/something/new") == "admin"  # closed until mapped
+
+
+def test_grpc_methods_map_to_the_same_scopes() -> None:
+    assert grpc_scope("/inference.GRPCInferenceService/ServerLive") is None
+    assert grpc_scope("ServerReady") is None
+    assert grpc_scope("/inference.GRPCInferenceService/ModelInfer") == "predict"
+    assert grpc_scope("ModelMetadata") is None and grpc_scope("ModelMetadata", True) == "read"
+    assert grpc_scope("RepositoryModelUnload") == "admin"
 
 
 def test_authenticate_contract_for_rest_and_grpc_values() -> None:
