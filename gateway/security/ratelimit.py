@@ -9,7 +9,8 @@ Cluster hash tag, so the one script call touches one slot:
     <prefix>:{t:<tenant>}:key:<key id>     <prefix>:{t:<tenant>}:tenant
     <prefix>:{k:<key id>}:key              (a key without a tenant)
 
-If Redis is unreachable (or slower than `timeout_s`), a local GCRA per process decides
+If Redis is unreachable (or slower than the client's socket timeouts, which the wiring sets
+to `auth.ratelimit_timeout_s`), a local GCRA per process decides
 instead: limits then hold per process, not per deployment, which degrades to "N workers x the
 rate" rather than to "no limit" or "no service". Redis is tried again every
 `retry_interval_s`; the switch is logged once each way and counted.
@@ -17,7 +18,6 @@ rate" rather than to "no limit" or "no service". Redis is tried again every
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -117,7 +117,6 @@ class RateLimiter:
         client: aioredis.Redis | None,
         tenants: Callable[[], Mapping[str, TenantLimit]] = dict,
         prefix: str = "rl",
-        timeout_s: float = 0.1,
         retry_interval_s: float = 1.0,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -127,13 +126,14 @@ class RateLimiter:
         self.client = client
         self.tenants = tenants
         self.prefix = prefix
-        self.timeout_s = timeout_s
         self.retry_interval_s = retry_interval_s
         self.clock = clock
         self._script = client.register_script(_GCRA) if client is not None else None
         self._down_until = 0.0
         self._down = False
         self._local: dict[str, float] = {}  # redis key -> theoretical arrival time (s)
+        self._cached_tenants: Mapping[str, TenantLimit] | None = None
+        self._limits: dict[Principal, list[Limit]] = {}
         self._rejected = Counter(
             "ratelimit_rejected_total", "Requests refused with 429", ["limit"], registry=registry
         )
@@ -144,6 +144,21 @@ class RateLimiter:
         )
 
     def limits_for(self, principal: Principal) -> list[Limit]:
+        """The limits that apply to ``principal``; cached per principal until the tenant
+        limits change (a key file reload), so a request builds no strings."""
+        tenants = self.tenants()
+        if tenants is not self._cached_tenants:
+            self._cached_tenants, self._limits = tenants, {}
+        limits = self._limits.get(principal)
+        if limits is None:
+            if len(self._limits) > 100_000:  # keys come from the key file; a bound anyway
+                self._limits.clear()
+            limits = self._limits[principal] = self._build_limits(principal, tenants)
+        return limits
+
+    def _build_limits(
+        self, principal: Principal, tenants: Mapping[str, TenantLimit]
+    ) -> list[Limit]:
         tag = f"t:{principal.tenant}" if principal.tenant else f"k:{principal.key_id}"
         out = []
         if principal.rate is not None:
@@ -151,7 +166,7 @@ class RateLimiter:
                 f":{principal.key_id}" if principal.tenant else ""
             )
             out.append(Limit("key", key, principal.rate, burst_of(principal.rate, principal.burst)))
-        tenant = self.tenants().get(principal.tenant) if principal.tenant else None
+        tenant = tenants.get(principal.tenant) if principal.tenant else None
         if tenant is not None:
             out.append(
                 Limit(
@@ -191,9 +206,8 @@ class RateLimiter:
         args: list[int] = []
         for lim in limits:
             args += [lim.interval_us, lim.interval_us * lim.burst]
-        reply = await asyncio.wait_for(
-            self._script(keys=[lim.redis_key for lim in limits], args=args), self.timeout_s
-        )
+        # The client's socket timeouts bound the call; no wait_for (a task per request).
+        reply = await self._script(keys=[lim.redis_key for lim in limits], args=args)
         if self._down:
             self._down = False
             log.info("ratelimit_redis_back")

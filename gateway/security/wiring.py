@@ -70,7 +70,6 @@ def build_security(settings: Settings, registry: CollectorRegistry | None = None
         client,
         tenants=_merged_tenants(store, configured),
         prefix=a.ratelimit_prefix,
-        timeout_s=a.ratelimit_timeout_s,
         retry_interval_s=a.ratelimit_retry_interval_s,
         registry=registry,
     )

@@ -47,7 +47,7 @@ async def prefix() -> AsyncIterator[str]:
 
 def limiter(prefix: str, url: str = REDIS_URL, **tenants: TenantLimit) -> RateLimiter:
     client = aioredis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-    return RateLimiter(client, tenants=lambda: tenants, prefix=prefix, timeout_s=0.5)
+    return RateLimiter(client, tenants=lambda: tenants, prefix=prefix)
 
 
 async def admitted(lim: RateLimiter, who: Principal) -> bool:
