@@ -2,6 +2,8 @@
 FROM python:3.11-slim
 WORKDIR /app
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# configs/gateway.yaml binds loopback (make run); in a container the port must be reachable.
+ENV SWITCHYARD__SERVER__HOST=0.0.0.0
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 RUN pip install .

@@ -4,6 +4,7 @@ Subcommands:
   triton  launch the nvidia-pytriton wheel's tritonserver on a model repository
   serve   run the gateway against an already running Triton
   up      the local stack of ``make run``: tritonserver, then the gateway, in one process
+  keys    create, list and revoke API keys (gateway/security)
 
 Gateway modules are imported inside the subcommands that need them, so ``triton`` works on
 its own and ``--help`` stays fast.
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.placement.cli import add_gpu_parser
 
     add_gpu_parser(sub)  # gpu plan: GPU placement (dedicated or MPS-packed)
+    from gateway.security.cli import add_keys_parser
+
+    add_keys_parser(sub)  # keys create|list|revoke: the API key file (auth.keys_file)
     return parser
 
 

@@ -30,6 +30,9 @@ from gateway.routing.readiness import VersionGate
 from gateway.routing.reload import RouteReloader
 from gateway.routing.shadow import ShadowDispatcher
 from gateway.routing.table import RouteTable, RouteTableRef, load_route_table
+from gateway.security.rest import GUARD
+from gateway.security.secrets import sticky_secret
+from gateway.security.wiring import build_security
 from gateway.service import InferenceService
 from gateway.types import InferRequest
 
@@ -42,7 +45,7 @@ def build_app(
     """Wire every component from settings. Tests pass a FakeBackend and a fake clock."""
     metrics = Metrics(multiprocess_dir=os.environ.get(MULTIPROC_ENV))
     catalog = ModelCatalog.load(settings.routing.model_repository)
-    table = load_route_table(settings.routing.routes_dir, catalog)
+    table = load_route_table(settings.routing.routes_dir, catalog, sticky_secret(settings))
     pool = build_pool(settings, metrics, clock) if backend is None else None
     if isinstance(backend, BackendPool) and backend.metrics is None:
         backend.metrics = metrics  # a pool built by a test reports into this app's registry
@@ -86,9 +89,13 @@ def build_app(
     )
     reloader = _route_reloader(settings, service, metrics)
 
+    security = build_security(settings, metrics.registry)  # API keys, scopes, rate limits
     app = web.Application(
-        middlewares=[request_context], client_max_size=settings.server.max_body_bytes
+        middlewares=[request_context, *security.middlewares],
+        client_max_size=settings.server.max_body_bytes,
     )
+    app[GUARD] = security.guard  # the gRPC server admits calls through the same guard
+    app.cleanup_ctx.append(security.ctx)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[SERVICE] = service
@@ -188,4 +195,5 @@ def _route_reloader(
         metrics,
         load_catalog=lambda: ModelCatalog.load(r.model_repository),
         interval_s=r.reload_interval_s,
+        sticky_secret=sticky_secret(settings),
     )

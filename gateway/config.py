@@ -33,7 +33,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ServerSettings:
-    host: str = "0.0.0.0"
+    #: Loopback unless told otherwise: the image (compose, Kubernetes) sets 0.0.0.0 by env.
+    host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 1 << 20
     max_batch_items: int = 256
@@ -99,6 +100,10 @@ class RoutingSettings:
     #: Shadow copies in flight at once; more are dropped (and counted), never queued.
     shadow_max_in_flight: int = 64
     shadow_timeout_s: float = 2.0
+    #: Secret keying the sticky-split buckets (same on every replica); from the environment
+    #: (SWITCHYARD__ROUTING__STICKY_SALT) or a file, never the YAML. Empty: the route name.
+    sticky_salt: str = ""
+    sticky_salt_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,16 @@ class PredlogSettings:
     #: Share of entries that carry the full (redacted) input payload.
     sample_rate: float = 0.0
     #: Key for hashing redacted fields, so low-entropy ids cannot be looked up by brute force.
+    #: From the environment (SWITCHYARD__PREDLOG__REDACT_SALT) or redact_salt_file.
     redact_salt: str = ""
+    redact_salt_file: Path | None = Path("var/secrets/redact_salt")
+    #: Redaction on, no salt anywhere: generate one into redact_salt_file (one host); false:
+    #: refuse to start instead.
+    generate_redact_salt: bool = True
+    #: Hashed in every model's entries, on top of each policy's own `hash` list.
+    hash_always: tuple[str, ...] = ("entity_id",)
+    #: The only context keys a sampled payload keeps; the rest (free text) never reach the log.
+    context_allow: tuple[str, ...] = ("segment", "channel", "deadline_ms")
     #: Per public model name: {hash: [field...], drop: [field...], sample_rate: x}.
     policies: Mapping[str, Any] = field(default_factory=dict)
 
@@ -147,6 +161,12 @@ class FeaturesSettings:
 class FeedbackSettings:
     label_prefix: str = "label"
     label_ttl_s: int = 30 * 86_400
+    #: Take a label only for a request id this deployment answered: the prediction log sets
+    #: <answered_prefix>:<request_id> with each entry it writes (one small key per answer).
+    require_answered: bool = True
+    answered_prefix: str = "answered"
+    #: How long after its answer a request id can still take a label.
+    answered_ttl_s: int = 86_400
     #: Continuous label join inside the gateway; 0 disables it.
     join_interval_s: float = 0.0
     join_window_s: float = 86_400.0
@@ -171,6 +191,29 @@ class TelemetrySettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """API keys with scopes and rate limits (gateway/security). Off: every caller is
+    "anonymous" with every scope, as before."""
+
+    enabled: bool = False
+    #: Hashes, scopes, rates, tenants (`python -m gateway keys create`); re-read on change.
+    keys_file: Path = Path("var/auth/keys.yaml")
+    reload_interval_s: float = 0.5
+    #: /metrics needs an admin key (give Prometheus one); off: open like the health checks.
+    protect_metrics: bool = False
+    #: /v2 model metadata needs a read key.
+    protect_metadata: bool = False
+    #: Shared rate per tenant: {tenant: requests_per_s} or {tenant: {rate, burst}}; the key
+    #: file's own `tenants:` section wins over this.
+    tenants: Mapping[str, Any] = field(default_factory=dict)
+    #: Redis keys of the limiter: <prefix>:{t:<tenant>}:... (redis.url; none: per process).
+    ratelimit_prefix: str = "rl"
+    #: Slower than this, or unreachable: the per-process limiter decides.
+    ratelimit_timeout_s: float = 0.1
+    ratelimit_retry_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
     json: bool = True
@@ -190,6 +233,7 @@ class Settings:
     resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
     #: Coalescing of concurrent single-row calls per target (gateway/batching.py).
     batching: BatchingPolicy = field(default_factory=BatchingPolicy)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def resolve_paths(self, base: Path) -> Settings:

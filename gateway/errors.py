@@ -2,18 +2,24 @@
 
 Each class carries its HTTP status and a stable machine-readable ``code``; one middleware
 (`gateway.api.middleware`) turns any of them into a response, so handlers never catch.
-Foreign exceptions (grpc, tritonclient, redis) are translated at their boundary.
+Foreign exceptions (grpc, tritonclient, redis) are translated at their boundary. Response
+headers an error needs (`Retry-After`, `WWW-Authenticate`, `X-RateLimit-*`) come from its
+`headers()`, so the middleware never special-cases a class.
 
     SwitchyardError                      500 internal_error
     ├── ClientError                      400 invalid_request
     │   ├── MalformedJSON                400 malformed_json
-    │   ├── Unauthorized                 401 unauthorized
+    │   ├── Unauthorized                 401 unauthenticated (+ WWW-Authenticate: Bearer)
+    │   ├── Forbidden                    403 forbidden (the key lacks the endpoint's scope)
     │   ├── NotFound                     404 not_found
     │   │   ├── ModelNotFound            404 model_not_found
-    │   │   └── VersionNotFound          404 version_not_found
+    │   │   ├── VersionNotFound          404 version_not_found
+    │   │   └── UnknownRequestId         404 unknown_request_id (feedback for no answer)
+    │   ├── Conflict                     409 conflict
+    │   │   └── LabelConflict            409 label_conflict
     │   ├── PayloadTooLarge              413 payload_too_large
     │   ├── ValidationFailed             422 invalid_features (code varies per field error)
-    │   └── RateLimited                  429 rate_limited
+    │   └── RateLimited                  429 rate_limited (+ Retry-After, X-RateLimit-*)
     ├── BackendError                     502 backend_error               [server, ladder]
     ├── ServiceUnavailable               503 unavailable (+ Retry-After)
     │   ├── BackendUnavailable           503 backend_unavailable         [retry, server, ladder]
@@ -39,6 +45,7 @@ Traits, as class attributes, read by the layers instead of matching messages:
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 
@@ -62,6 +69,16 @@ class SwitchyardError(Exception):
         self.code = code or self.default_code
         self.details = details or {}
         self.retry_after_s = retry_after_s
+        #: Extra response headers, set by whoever raises (e.g. the rate limiter's X-RateLimit-*).
+        self.extra_headers: dict[str, str] = {}
+
+    def headers(self) -> dict[str, str]:
+        """Response headers this error adds: Retry-After when set, then its own."""
+        out: dict[str, str] = {}
+        if self.retry_after_s is not None:
+            out["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+        out.update(self.extra_headers)
+        return out
 
     def to_dict(self, request_id: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -81,8 +98,20 @@ class MalformedJSON(ClientError):
 
 
 class Unauthorized(ClientError):
+    """No key, or a key the key file does not hold (unknown, revoked)."""
+
     status = 401
-    default_code = "unauthorized"
+    default_code = "unauthenticated"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": 'Bearer realm="switchyard"'}
+
+
+class Forbidden(ClientError):
+    """A valid key without the scope the endpoint needs."""
+
+    status = 403
+    default_code = "forbidden"
 
 
 class NotFound(ClientError):
@@ -96,6 +125,23 @@ class ModelNotFound(NotFound):
 
 class VersionNotFound(NotFound):
     default_code = "version_not_found"
+
+
+class UnknownRequestId(NotFound):
+    """Feedback for a request id this deployment has no (logged) answer for."""
+
+    default_code = "unknown_request_id"
+
+
+class Conflict(ClientError):
+    status = 409
+    default_code = "conflict"
+
+
+class LabelConflict(Conflict):
+    """The request id already carries a different label; labels are write-once."""
+
+    default_code = "label_conflict"
 
 
 class PayloadTooLarge(ClientError):

@@ -25,6 +25,7 @@ from gateway.predlog.redaction import LogPolicies
 from gateway.predlog.redis_stream import StreamWriter
 from gateway.predlog.spool import Spool
 from gateway.predlog.writer import PredictionLog
+from gateway.security.secrets import redaction_salt
 from gateway.triton_metrics import TritonMetricsScraper
 
 log = structlog.get_logger(__name__)
@@ -98,12 +99,38 @@ class Observability:
             await asyncio.sleep(self.settings.feedback.join_interval_s)
 
 
+def log_policies(settings: Settings) -> LogPolicies:
+    """Redaction per model; when anything is hashed, the hashes are keyed (a salt is set,
+    read from its file, or generated once: gateway.security.secrets)."""
+    p = settings.predlog
+
+    def build(salt: str) -> LogPolicies:
+        return LogPolicies.from_settings(
+            p.policies,
+            p.sample_rate,
+            salt,
+            hash_always=p.hash_always,
+            context_allow=p.context_allow,
+        )
+
+    policies = build(p.redact_salt)
+    if policies.redacts and not p.redact_salt:
+        policies = build(redaction_salt(settings))
+    return policies
+
+
 def build_observability(
     settings: Settings, metrics: Metrics, clock: Clock = monotonic
 ) -> Observability:
     p, f, t = settings.predlog, settings.features, settings.telemetry
     client = redis_client(settings)
-    writer = StreamWriter(client, p.stream_prefix, p.maxlen, p.dedupe_ttl_s) if client else None
+    fb = settings.feedback
+    answered = fb.answered_prefix if fb.require_answered else None  # feedback integrity
+    writer = (
+        StreamWriter(client, p.stream_prefix, p.maxlen, p.dedupe_ttl_s, answered, fb.answered_ttl_s)
+        if client
+        else None
+    )
     predlog = PredictionLog(
         # With Redis the spool is a write-ahead log rotated by age too, so confirmed segments
         # go within about segment_max_age_s; without it, the segments are the log.
@@ -121,19 +148,12 @@ def build_observability(
         retry_interval_s=p.retry_interval_s,
         clock=clock,
     )
-    obs = Observability(
-        settings,
-        metrics,
-        predlog,
-        LogPolicies.from_settings(p.policies, p.sample_rate, p.redact_salt),
-        redis=client,
-    )
+    obs = Observability(settings, metrics, predlog, log_policies(settings), redis=client)
     if client is not None:
         obs.features = FeatureStore(
             client, metrics, f.key_prefix, f.timeout_ms, f.cache_ttl_s, f.cache_size, clock
         )
-        fb = settings.feedback
-        obs.labels = LabelStore(client, fb.label_prefix, fb.label_ttl_s)
+        obs.labels = LabelStore(client, fb.label_prefix, fb.label_ttl_s, answered)
     if t.triton_scrape_interval_s > 0 and settings.triton.metrics_url:
         obs.scraper = TritonMetricsScraper(
             settings.triton.metrics_url, metrics, t.triton_scrape_interval_s

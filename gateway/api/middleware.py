@@ -39,8 +39,7 @@ def json_response(
 def _error_response(request: web.Request, exc: errors.SwitchyardError) -> web.Response:
     request_id = request.get(REQUEST_ID)
     headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
-    if exc.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    headers.update(exc.headers())  # Retry-After, WWW-Authenticate, X-RateLimit-*
     if request.path.startswith("/v2"):
         # KServe v2 / Triton clients read a string under "error"; the code rides alongside.
         body: dict[str, Any] = {"error": exc.message, "code": exc.code}

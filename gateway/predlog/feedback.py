@@ -1,6 +1,11 @@
 """Label feedback: store labels by request_id, join them with the prediction log.
 
-`POST /v1/feedback` puts `label:<request_id>` (with a TTL). The join reads each model's stream
+`POST /v1/feedback` puts `label:<request_id>` (with a TTL), write-once: one Lua script checks
+that the request id was answered (the prediction log's `answered:<request_id>` marker, see
+redis_stream) and sets the label only if none is there, else returns the one that is. The
+same label again is idempotent; a different one is a conflict, so nobody can rewrite ground
+truth after the fact. The stored value records who wrote it:
+`{"label": ..., "by": <key id or "anonymous">, "ts": <unix s>}`. The join reads each model's stream
 over a window, looks the labels up, and counts, per (model, version, arm), how many answers
 were right: a string label is compared with the answer's `decision`, a numeric or boolean one
 with `score >= 0.5`. The accuracy delta of every challenger arm against the champion is the
@@ -18,26 +23,66 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.errors import FeedbackUnavailable
-from gateway.predlog.redis_stream import decode_fields
+from gateway.errors import FeedbackUnavailable, LabelConflict, UnknownRequestId
+from gateway.predlog.redis_stream import answered_key, decode_fields
 
 Label = str | int | float | bool
 
+# KEYS[1] label, KEYS[2] answered marker (absent: no check). ARGV: value, ttl.
+# Returns {0}: unknown request id, {1}: stored, {2, existing value}.
+_PUT_ONCE = """
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 0 then return {0} end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return {1} end
+return {2, redis.call('GET', KEYS[1])}
+"""
+
 
 class LabelStore:
-    def __init__(self, client: aioredis.Redis, prefix: str = "label", ttl_s: int = 30 * 86_400):
+    """``answered_prefix`` set: only request ids with an answered marker take a label."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str = "label",
+        ttl_s: int = 30 * 86_400,
+        answered_prefix: str | None = None,
+        wall: Callable[[], float] = time.time,
+    ):
         self.client = client
         self.prefix = prefix
         self.ttl_s = ttl_s
+        self.answered_prefix = answered_prefix
+        self.wall = wall
+        self._put_once = client.register_script(_PUT_ONCE)
 
     def key(self, request_id: str) -> str:
         return f"{self.prefix}:{request_id}"
 
-    async def put(self, request_id: str, label: Label) -> None:
+    async def put(self, request_id: str, label: Label, by: str = "anonymous") -> bool:
+        """Store the label once; True if stored now, False if the same label was there.
+        Raises UnknownRequestId (404) or LabelConflict (409)."""
+        keys = [self.key(request_id)]
+        if self.answered_prefix:
+            keys.append(answered_key(self.answered_prefix, request_id))
+        value = orjson.dumps({"label": label, "by": by, "ts": round(self.wall(), 3)})
         try:
-            await self.client.set(self.key(request_id), orjson.dumps(label), ex=self.ttl_s)
+            reply = await self._put_once(keys=keys, args=[value, self.ttl_s])
         except (RedisError, OSError) as exc:
             raise FeedbackUnavailable(f"label store unreachable: {exc}") from exc
+        if reply[0] == 0:
+            raise UnknownRequestId(
+                f"no answer with request_id {request_id!r} is known here (labels are taken "
+                "for answered requests only, once their log entry reached Redis)"
+            )
+        if reply[0] == 1:
+            return True
+        existing = decode_label(reply[1])
+        if not same_label(existing, label):
+            raise LabelConflict(
+                f"request_id {request_id!r} already has a different label",
+                details={"label": existing},
+            )
+        return False
 
     async def get_many(self, request_ids: list[str]) -> list[Label | None]:
         if not request_ids:
@@ -46,7 +91,24 @@ class LabelStore:
             raw = await self.client.mget([self.key(r) for r in request_ids])
         except (RedisError, OSError) as exc:
             raise FeedbackUnavailable(f"label store unreachable: {exc}") from exc
-        return [None if v is None else orjson.loads(v) for v in raw]
+        return [None if v is None else decode_label(v) for v in raw]
+
+
+def decode_label(raw: bytes | str) -> Label:
+    """A stored label: ``{"label", "by", "ts"}``, or a bare JSON label (older writers)."""
+    value = orjson.loads(raw)
+    if isinstance(value, dict) and "label" in value:
+        return value["label"]
+    return value
+
+
+def same_label(a: Label, b: Label) -> bool:
+    """Equal as labels: True is not 1 (a boolean and a number are different labels)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return float(a) == float(b)
 
 
 def is_correct(output: Mapping[str, Any] | None, label: Label) -> bool:

@@ -3,14 +3,16 @@
 A `LogPolicy` per public model names fields to hash (keyed blake2b, so joins on the hashed
 value still work but low-entropy ids cannot be brute-forced without the salt) and fields to
 remove. Names match top-level entry fields (`entity_id`), feature names and context keys of
-the sampled payload. Shadow comparisons and structured logs should pass through `apply` too.
+the sampled payload. Fields in `hash_always` (settings: `entity_id`) are hashed for every
+model, and a sampled payload's free-form `context` keeps only the keys of `context_allow`.
+Shadow comparisons and structured logs should pass through `apply` too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,12 @@ class LogPolicy:
     drop_fields: frozenset[str] = frozenset()
     sample_rate: float = 0.0
     salt: bytes = b""
+    #: Context keys a sampled payload keeps; None keeps them all.
+    context_allow: frozenset[str] | None = None
+
+    @property
+    def redacts(self) -> bool:
+        return bool(self.hash_fields)
 
     def hash_value(self, value: Any) -> str:
         h = hashlib.blake2b(str(value).encode(), digest_size=16, key=self.salt[:64])
@@ -41,9 +49,13 @@ class LogPolicy:
         out = self._redact(entry)
         payload = out.get("payload")
         if isinstance(payload, Mapping):
-            out["payload"] = {
-                k: self._redact(v) if isinstance(v, Mapping) else v for k, v in payload.items()
-            }
+            allow = self.context_allow
+            redacted = {}
+            for k, v in payload.items():
+                if k == "context" and allow is not None and isinstance(v, Mapping):
+                    v = {ck: cv for ck, cv in v.items() if ck in allow}  # free text stays out
+                redacted[k] = self._redact(v) if isinstance(v, Mapping) else v
+            out["payload"] = redacted
         return out
 
     def _redact(self, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,6 +80,11 @@ class LogPolicies:
     def for_model(self, model: str) -> LogPolicy:
         return self.per_model.get(model, self.default)
 
+    @property
+    def redacts(self) -> bool:
+        """Whether any field of any model is hashed (then the salt must be a secret)."""
+        return self.default.redacts or any(p.redacts for p in self.per_model.values())
+
     @classmethod
     def from_settings(
         cls,
@@ -75,9 +92,20 @@ class LogPolicies:
         sample_rate: float = 0.0,
         salt: str = "",
         rand: Callable[[], float] = random.random,
+        hash_always: Iterable[str] = (),
+        context_allow: Iterable[str] | None = None,
     ) -> LogPolicies:
         key = salt.encode()
-        default = LogPolicy(sample_rate=_rate(sample_rate, "predlog.sample_rate"), salt=key)
+        always = frozenset(hash_always)
+        if PROTECTED & always:
+            raise PolicyError(f"predlog.hash_always: cannot redact {sorted(PROTECTED & always)}")
+        allow = None if context_allow is None else frozenset(context_allow)
+        default = LogPolicy(
+            hash_fields=always,
+            sample_rate=_rate(sample_rate, "predlog.sample_rate"),
+            salt=key,
+            context_allow=allow,
+        )
         per_model = {}
         for model, spec in (policies or {}).items():
             where = f"predlog.policies.{model}"
@@ -91,10 +119,11 @@ class LogPolicies:
             if protected:
                 raise PolicyError(f"{where}: cannot redact {sorted(protected)}")
             per_model[str(model)] = LogPolicy(
-                hash_fields=hashed,
+                hash_fields=(hashed | always) - dropped,
                 drop_fields=dropped,
                 sample_rate=_rate(spec.get("sample_rate", sample_rate), where),
                 salt=key,
+                context_allow=allow,
             )
         return cls(default, per_model, rand)
 

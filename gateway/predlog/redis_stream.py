@@ -6,6 +6,11 @@ is one pipelined round trip (one script call per model). Because the check and t
 one atomic step, writing the same entry twice (a batch whose reply was lost and which was then
 spooled, or a spool segment replayed again after a crash) leaves exactly one stream entry.
 
+With `answered_prefix` set, the same script also sets `<answered_prefix>:<request_id>` (the
+model, with `answered_ttl_s`) for each new entry: the proof that this deployment answered
+that request id, which `POST /v1/feedback` requires before it takes a label. One more command
+per entry inside a call already made; spooled entries get theirs when they are replayed.
+
 Stream fields are flat strings: strings as they are, None as "", anything else as JSON, so
 `redis-cli XRANGE predictions:risk - +` is readable; `decode_fields` reverses it.
 """
@@ -21,11 +26,14 @@ from redis.exceptions import RedisError
 
 from gateway.errors import StreamUnavailable
 
-# KEYS[1] stream, KEYS[2..] dedupe keys; ARGV: ttl, maxlen, then per entry: n, n field/values.
+# KEYS[1] stream, then per entry its dedupe key and, when ARGV[3] > 0, its answered marker.
+# ARGV: dedupe ttl, maxlen, marker ttl (0: no markers), model, then per entry: n, n fields.
 _APPEND_ONCE = """
-local ttl, maxlen = ARGV[1], ARGV[2]
-local i, added = 3, 0
-for k = 2, #KEYS do
+local ttl, maxlen, mark_ttl, model = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local step = 1
+if mark_ttl > 0 then step = 2 end
+local i, added = 5, 0
+for k = 2, #KEYS, step do
   local n = tonumber(ARGV[i])
   if redis.call('SET', KEYS[k], '1', 'NX', 'EX', ttl) then
     local fields = {}
@@ -35,6 +43,7 @@ for k = 2, #KEYS do
     else
       redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(fields))
     end
+    if mark_ttl > 0 then redis.call('SET', KEYS[k + 1], model, 'EX', mark_ttl) end
     added = added + 1
   end
   i = i + n + 1
@@ -54,11 +63,15 @@ class StreamWriter:
         prefix: str = "predictions",
         maxlen: int = 1_000_000,
         dedupe_ttl_s: int = 86_400,
+        answered_prefix: str | None = None,
+        answered_ttl_s: int = 86_400,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.maxlen = maxlen
         self.dedupe_ttl_s = dedupe_ttl_s
+        self.answered_prefix = answered_prefix
+        self.answered_ttl_s = answered_ttl_s if answered_prefix else 0
         self._script = client.register_script(_APPEND_ONCE)
 
     def stream(self, model: str) -> str:
@@ -66,6 +79,9 @@ class StreamWriter:
 
     def dedupe_key(self, model: str, request_id: str) -> str:
         return f"{self.prefix}:seen:{model}:{request_id}"
+
+    def answered_key(self, request_id: str) -> str:
+        return answered_key(self.answered_prefix or "answered", request_id)
 
     async def ping(self) -> None:
         try:
@@ -82,9 +98,12 @@ class StreamWriter:
             async with self.client.pipeline(transaction=False) as pipe:
                 for model, group in groups.items():
                     keys = [self.stream(model)]
-                    args: list[Any] = [self.dedupe_ttl_s, self.maxlen]
+                    args: list[Any] = [self.dedupe_ttl_s, self.maxlen, self.answered_ttl_s, model]
                     for e in group:
-                        keys.append(self.dedupe_key(model, str(e["request_id"])))
+                        rid = str(e["request_id"])
+                        keys.append(self.dedupe_key(model, rid))
+                        if self.answered_ttl_s:
+                            keys.append(self.answered_key(rid))
                         fields = encode_fields(e)
                         args.append(len(fields))
                         args.extend(fields)
@@ -93,6 +112,11 @@ class StreamWriter:
         except (RedisError, OSError) as exc:
             raise StreamUnavailable(f"prediction log write failed: {exc}") from exc
         return sum(int(r) for r in results)
+
+
+def answered_key(prefix: str, request_id: str) -> str:
+    """The marker that a request id was answered (and logged) by this deployment."""
+    return f"{prefix}:{request_id}"
 
 
 def encode_fields(entry: Mapping[str, Any]) -> list[str]:

@@ -70,8 +70,10 @@ class RouteReloader:
         interval_s: float = 0.5,
         wall_clock: Callable[[], float] = time.time,
         history: int = 20,
+        sticky_secret: str = "",
     ) -> None:
         self.routes_dir = routes_dir
+        self.sticky_secret = sticky_secret
         self.ref = ref
         self.gate = gate
         self.metrics = metrics
@@ -92,7 +94,7 @@ class RouteReloader:
             seen = fingerprint(self.routes_dir)
             try:
                 catalog = self.load_catalog()
-                table = load_route_table(self.routes_dir, catalog)
+                table = load_route_table(self.routes_dir, catalog, self.sticky_secret)
                 await self.gate.check(table, self.ref.current, catalog)
             except (RouteError, OSError, ValueError, KeyError) as exc:
                 result = ReloadResult("rejected", self.wall_clock(), reason, str(exc))

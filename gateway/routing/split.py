@@ -3,8 +3,11 @@
 The bucket space is 10,000 buckets (weights have 0.01 % resolution). A sticky split hashes the
 request's key (usually `entity_id`) with blake2b, salted by the route name, into a bucket: the
 same entity lands in the same bucket on every replica and after every restart, so it sees the
-same arm for as long as the weights stay put. A random split draws the bucket from an
-injected `random.Random`.
+same arm for as long as the weights stay put. With a secret (`routing.sticky_salt`, the same
+on every replica) the salt is HMAC(secret, route name): a client can then no longer compute
+which entity ids land in the challenger and pick its arm. Setting or changing the secret
+reassigns every sticky entity once, so do it while no challenger carries traffic. A random
+split draws the bucket from an injected `random.Random`.
 
 Layout, chosen so that a weight change moves as few entities as possible: the champion fills
 buckets from the bottom, challengers from the top in file order. Raising or lowering one
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import hmac
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +35,14 @@ def bucket_of(key: str, salt: str) -> int:
     """A stable bucket in [0, BUCKETS) for ``key`` (stable across processes and versions)."""
     digest = hashlib.blake2b(key.encode(), digest_size=8, key=salt.encode()[:64]).digest()
     return int.from_bytes(digest, "big") % BUCKETS
+
+
+def sticky_salt(route_name: str, secret: str = "") -> str:
+    """The bucket salt of a route: its name, or keyed by the deployment's secret (64 hex
+    characters: exactly blake2b's longest key, so no part of the secret is cut off)."""
+    if not secret:
+        return route_name
+    return hmac.new(secret.encode(), route_name.encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ import yaml
 
 from gateway.catalog import ModelCatalog
 from gateway.errors import ModelNotFound
-from gateway.routing.split import BUCKETS, Arm, Split
+from gateway.routing.split import BUCKETS, Arm, Split, sticky_salt
 from gateway.types import CallPolicy, Target
 
 __all__ = ["Route", "RouteError", "RouteTable", "RouteTableRef", "Target", "load_route_table"]
@@ -239,7 +239,8 @@ def _list(doc: _Doc, data: Mapping[str, Any], key: str) -> list[Any]:
     return value
 
 
-def parse_route(content: bytes, source: str) -> Route:
+def parse_route(content: bytes, source: str, sticky_secret: str = "") -> Route:
+    """``sticky_secret``: keys the sticky-split salt (routing.sticky_salt; split.py)."""
     doc = _Doc(content, source)
     data = _mapping(doc, doc.data, (), _KEYS)
     for key in ("model", "champion"):
@@ -255,7 +256,7 @@ def parse_route(content: bytes, source: str) -> Route:
         fallback=_fallback(doc, data.get("fallback")),
         slo=_slo(doc, data.get("slo")),
         raw=MappingProxyType(dict(data)),
-        split=_split(doc, data, name, champion),
+        split=_split(doc, data, sticky_salt(name, sticky_secret), champion),
         segments=tuple(_segment(doc, s, i) for i, s in enumerate(_list(doc, data, "segments"))),
         shadows=tuple(_shadow(doc, s, i) for i, s in enumerate(_list(doc, data, "shadow"))),
         response_cache_ttl_s=_cache(doc, data.get("cache")),
@@ -269,7 +270,7 @@ def _cache(doc: _Doc, value: Any) -> float:
     return _number(doc, m, "ttl_s", ("cache",), 0, 1e9) if "ttl_s" in m else 0.0
 
 
-def _split(doc: _Doc, data: Mapping[str, Any], name: str, champion: Target) -> Split | None:
+def _split(doc: _Doc, data: Mapping[str, Any], salt: str, champion: Target) -> Split | None:
     items = _list(doc, data, "challengers")
     if not items:
         return None
@@ -300,7 +301,7 @@ def _split(doc: _Doc, data: Mapping[str, Any], name: str, champion: Target) -> S
     if total > BUCKETS:
         raise doc.error(("challengers",), f"weights add up to {total / 100:g} % (over 100)")
     return Split.layout(
-        salt=name,
+        salt=salt,
         champion=Arm("champion", champion, BUCKETS - total),
         challengers=tuple(arms),
         sticky=sticky_keys.pop(),
@@ -367,7 +368,9 @@ def check_targets(route: Route, catalog: ModelCatalog) -> None:
             raise RouteError(f"{route.source}: {target}: {exc}") from exc
 
 
-def load_route_table(routes_dir: Path, catalog: ModelCatalog | None = None) -> RouteTable:
+def load_route_table(
+    routes_dir: Path, catalog: ModelCatalog | None = None, sticky_secret: str = ""
+) -> RouteTable:
     """Read and validate every `*.yaml` in the directory; raises RouteError on the first bad one."""
     routes: dict[str, Route] = {}
     for path in sorted(routes_dir.glob("*.yaml")):
@@ -379,7 +382,7 @@ def load_route_table(routes_dir: Path, catalog: ModelCatalog | None = None) -> R
             content = path.read_bytes()
         except OSError as exc:
             raise RouteError(f"{path}: cannot read: {exc}") from exc
-        route = parse_route(content, str(path))
+        route = parse_route(content, str(path), sticky_secret)
         if route.name in routes:
             raise RouteError(
                 f"{path}: model {route.name!r} already routed by {routes[route.name].source}"

@@ -73,6 +73,8 @@ def test_feature_refs_resolve_from_the_store_and_feedback_joins(
         status, body = post(f"{gw.url}/v1/predict", unknown)
         assert status == 422 and body["error"]["code"] == "features_not_found"
 
+        # A label is taken only once the answer reached the log (its answered marker).
+        poll(lambda: len(stream_entries(redis_url)) >= 12, 10, "log entries missing")
         # Labels: the first four agree with the answer, the last two do not -> 4/6.
         ids = sorted(answers)
         for n, rid in enumerate(ids):
@@ -82,7 +84,10 @@ def test_feature_refs_resolve_from_the_store_and_feedback_joins(
             assert status == 202, body
         status, body = post(f"{gw.url}/v1/feedback", {"request_id": "x"})
         assert status == 400
-        poll(lambda: len(stream_entries(redis_url)) >= 12, 10, "log entries missing")
+        status, body = post(f"{gw.url}/v1/feedback", {"request_id": ids[0], "label": "other"})
+        assert status == 409 and body["error"]["code"] == "label_conflict"
+        status, body = post(f"{gw.url}/v1/feedback", {"request_id": "never", "label": "deny"})
+        assert status == 404 and body["error"]["code"] == "unknown_request_id"
     finally:
         stop_gateway(gw)
 

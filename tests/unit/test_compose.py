@@ -141,3 +141,18 @@ def test_grafana_provisioning_points_at_compose_prometheus(compose) -> None:
     )["providers"]
     dashboards_dir = providers[0]["options"]["path"]
     assert dashboards_dir in mounts and list((ROOT / mounts[dashboards_dir]).glob("*.json"))
+
+
+def test_make_run_binds_loopback_and_the_container_binds_every_interface(compose) -> None:
+    """configs/gateway.yaml (make run) listens on 127.0.0.1 with auth off; compose and the
+    image override the bind to 0.0.0.0 so the published port reaches the gateway, and compose
+    turns auth on with the key file on a volume (keys survive a container restart)."""
+    local = load_settings(ROOT / "configs" / "gateway.yaml", env={}, base_dir=ROOT)
+    assert local.server.host == "127.0.0.1" and not local.auth.enabled
+    env = {k: str(v) for k, v in services(compose)["gateway"]["environment"].items()}
+    container = load_settings(ROOT / "configs" / "gateway.yaml", env=env, base_dir=ROOT)
+    assert container.server.host == "0.0.0.0"
+    assert container.auth.enabled  # reachable from the network: keys required
+    volumes = services(compose)["gateway"]["volumes"]
+    assert any(v.endswith(":" + str(container.auth.keys_file.parent)) for v in volumes)
+    assert "ENV SWITCHYARD__SERVER__HOST=0.0.0.0" in (ROOT / "Dockerfile").read_text()
