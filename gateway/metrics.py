@@ -73,6 +73,13 @@ class Metrics:
             ["sink"],
             registry=r,
         )
+        # What the HPA scales on (deploy/k8s): predictions the gateway is working on now.
+        self.in_flight = Gauge(
+            "gateway_in_flight_requests",
+            "Prediction requests in flight in the gateway, every protocol",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         # Prediction log durability (gateway.predlog): lag = accepted, not yet in the stream.
         self.predlog_lag = Gauge(
             "prediction_log_lag",

@@ -257,6 +257,15 @@ class InferenceService:
         the stack per target with the rows stacked, so a batch costs one round trip. The
         call runs until the latest deadline of its items; an item whose own deadline passed
         gets its DeadlineExceeded in its place (in a batch: next to the others' answers)."""
+        self.metrics.in_flight.inc()
+        try:
+            return await self._predict_batch(reqs)
+        finally:
+            self.metrics.in_flight.dec()
+
+    async def _predict_batch(
+        self, reqs: Sequence[PredictRequest]
+    ) -> list[Prediction | SwitchyardError]:
         started = self.clock()
         table = self.routes.current
         planned = []
@@ -411,6 +420,13 @@ class InferenceService:
         the split; a model without a route goes straight down the stack. Every answer is
         logged once and counted. An unknown model or version is a 404 here, before any
         per-model state (breakers, metric series) exists for it."""
+        self.metrics.in_flight.inc()
+        try:
+            return await self._infer(request, deadline)
+        finally:
+            self.metrics.in_flight.dec()
+
+    async def _infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
         started = self.clock()
         table = self.routes.current
         params = request.parameters

@@ -122,7 +122,8 @@ async def test_v2_takes_the_split_sticky_on_the_entity_and_is_logged_once(
     assert len({e["request_id"] for e in logged}) == 81
     last = logged[-1]
     assert last["protocol"] == "v2" and last["version"] == "1" and last["arm"].startswith("chall")
-    assert last["policy_version"] == route.policy_version and last["entity_id"] == entity
+    assert last["policy_version"] == route.policy_version
+    assert last["entity_id"].startswith("h:") and entity not in last["entity_id"]  # keyed hash
     assert last["output"]["decision"] in ("approve", "deny")
     metrics = client.app[METRICS].registry
     ok = metrics.get_sample_value("inference_requests_total", {"model": "toy", "status": "ok"})
@@ -250,6 +251,8 @@ async def test_a_client_that_disconnects_cancels_the_backend_call_and_frees_its_
             await asyncio.sleep(0.001)
         else:
             raise AssertionError("the call never reached the backend")
+        in_flight = client.app[METRICS].registry.get_sample_value
+        assert in_flight("gateway_in_flight_requests") == 1  # what the HPA scales on
         task.cancel()  # the client goes away: its connection closes
         for _ in range(10_000):
             if primary.cancelled == cancelled + 1 and pool.admission.in_flight("primary") == 0:
@@ -259,6 +262,7 @@ async def test_a_client_that_disconnects_cancels_the_backend_call_and_frees_its_
             raise AssertionError("the backend call outlived its client")
         assert primary.in_flight == 0
         assert pool.members[0].in_flight == 0
+        assert in_flight("gateway_in_flight_requests") == 0
 
 
 async def test_batch_items_keep_their_own_deadlines(

@@ -396,11 +396,6 @@ def test_hpa_scales_the_gateway_on_cpu_and_in_flight_requests(rendered) -> None:
         assert by_type["Pods"]["pods"]["metric"]["name"] in served
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway_in_flight_requests is not exported yet: the lead adds the gauge "
-    "(gateway/metrics.py, multiprocess_mode livesum); then remove this marker",
-)
 def test_gateway_exports_the_gauge_the_hpa_scales_on() -> None:
     adapter = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
     (rule,) = adapter["rules"]["custom"]
