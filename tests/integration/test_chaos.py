@@ -113,11 +113,13 @@ async def run_load(
     deadline_ms: int | None = None,
     on_progress: Any = None,
     shed_pause_s: float = 0.0,
+    v2_share: int = 0,
 ) -> list[Result]:
     """``total`` /v1/predict calls, ``concurrency`` at a time; ``on_progress(n_done)``.
     A shed client waits ``shed_pause_s`` before its next call (a client honouring
     Retry-After, scaled down), so on 2 cores the test's own spinning does not starve the
-    gateway it measures."""
+    gateway it measures. With ``v2_share`` N, every Nth call is an OIP /v2 infer of the same
+    row and entity (its answer read into the /v1 shape: fallback_used, model_version)."""
     results: list[Result] = []
     counter = iter(range(total))
     ctx = {"deadline_ms": deadline_ms} if deadline_ms else {}
@@ -126,11 +128,17 @@ async def run_load(
 
         async def worker() -> None:
             for i in counter:
-                body = {"model_name": "risk", "entity_id": f"e{i}", "features": ROWS[i % 200],
-                        "context": ctx}  # fmt: skip
                 sent = time.monotonic()
-                async with session.post(f"{url}/v1/predict", json=body) as r:
-                    payload = await r.json()
+                if v2_share and i % v2_share == 0:
+                    async with session.post(
+                        f"{url}/v2/models/risk/infer", json=v2_body(i), headers=v2_headers(ctx)
+                    ) as r:
+                        payload = v1_shape(await r.json(), r.status, sent)
+                else:
+                    body = {"model_name": "risk", "entity_id": f"e{i}", "features": ROWS[i % 200],
+                            "context": ctx}  # fmt: skip
+                    async with session.post(f"{url}/v1/predict", json=body) as r:
+                        payload = await r.json()
                     results.append(
                         Result(sent, time.monotonic(), r.status, payload,
                                r.headers.get("Retry-After"))
@@ -142,6 +150,31 @@ async def run_load(
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results
+
+
+def v2_body(i: int) -> dict[str, Any]:
+    row = ROWS[i % 200]
+    return {
+        "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 30], "data": row}],
+        "parameters": {"entity_id": f"e{i}"},
+    }
+
+
+def v2_headers(ctx: dict[str, Any]) -> dict[str, str]:
+    return {"X-Deadline-Ms": str(ctx["deadline_ms"])} if ctx else {}
+
+
+def v1_shape(body: dict[str, Any], status: int, sent: float) -> dict[str, Any]:
+    """A /v2 answer in the fields these tests read of a /v1 one."""
+    if status != 200:
+        return {"error": {"code": body.get("code")}}
+    params = body.get("parameters") or {}
+    return {
+        "fallback_used": params.get("fallback_used"),
+        "model_version": body["model_version"],
+        "latency_ms": (time.monotonic() - sent) * 1000.0,
+        "protocol": "v2",
+    }
 
 
 def breaker_state(metrics_text: str, server: str, model: str) -> float | None:
@@ -238,7 +271,8 @@ async def test_overload_is_shed_with_retry_after_and_admitted_latency_stays_flat
 
 async def test_killed_primary_keeps_answering_and_traffic_returns(stack: Stack) -> None:
     """(1) SIGKILL under load: every request answered, >= 99.9 % 200, breaker open < 1 s;
-    restart it and traffic returns to the primary within 30 s."""
+    restart it and traffic returns to the primary within 30 s. A third of the calls are OIP
+    /v2 infers, which the distilled model answers just the same."""
     url = stack.gateway.url
     total, kill_at = 3000, 600
     killed_at: list[float] = []
@@ -263,13 +297,16 @@ async def test_killed_primary_keeps_answering_and_traffic_returns(stack: Stack) 
             killed_at.append(time.monotonic())
 
     watcher = asyncio.create_task(watch_breaker())
-    results = await run_load(url, total=total, concurrency=32, on_progress=progress)
+    results = await run_load(url, total=total, concurrency=32, on_progress=progress, v2_share=3)
     await watcher
     assert len(results) == total
     ok = sum(r.status == 200 for r in results)
     assert ok / total >= 0.999, f"{total - ok} of {total} failed"
     after = [r for r in results if r.sent_at > killed_at[0] + 0.5]
     assert after and all(r.body.get("fallback_used") == "fallback_model" for r in after)
+    v2_after = [r for r in after if r.body.get("protocol") == "v2"]
+    assert len(v2_after) >= len(after) // 4  # /v2 went through the ladder too
+    assert {r.body["model_version"] for r in after} == {"1"}  # risk_distilled's version
     assert opened_at, "breaker for (primary, risk) never reported open"
     assert opened_at[0] - killed_at[0] <= 1.0
 
