@@ -139,10 +139,10 @@ async def run_load(
                             "context": ctx}  # fmt: skip
                     async with session.post(f"{url}/v1/predict", json=body) as r:
                         payload = await r.json()
-                    results.append(
-                        Result(sent, time.monotonic(), r.status, payload,
-                               r.headers.get("Retry-After"))
-                    )  # fmt: skip
+                results.append(
+                    Result(sent, time.monotonic(), r.status, payload,
+                           r.headers.get("Retry-After"))
+                )  # fmt: skip
                 if on_progress is not None:
                     await on_progress(len(results))
                 if shed_pause_s and results[-1].status == 503:
