@@ -22,7 +22,8 @@ Foreign exceptions (grpc, tritonclient, redis) are translated at their boundary.
     │   ├── FeatureStoreUnavailable      503 feature_store_unavailable
     │   ├── FeedbackUnavailable          503 feedback_store_unavailable
     │   └── StreamUnavailable            503 log_store_unavailable (internal: triggers spooling)
-    └── DeadlineExceeded                 504 deadline_exceeded
+    ├── DeadlineExceeded                 504 deadline_exceeded
+    └── RegistryError                    409 registry_error (model registry CLI: publish ...)
 """
 
 from __future__ import annotations
@@ -141,3 +142,10 @@ class StreamUnavailable(ServiceUnavailable):
 class DeadlineExceeded(SwitchyardError):
     status = 504
     default_code = "deadline_exceeded"
+
+
+class RegistryError(SwitchyardError):
+    """A model-registry operation refused: bad artifact, version exists, tampered file."""
+
+    status = 409
+    default_code = "registry_error"

@@ -338,6 +338,13 @@ def outputs_for(b: Built) -> list[str]:
 
 def pick_probe(b: Built) -> dict:
     """First holdout row whose score is clear of decision boundaries (robust health check)."""
+    for case in golden_rows(b):
+        return case
+    raise RuntimeError(f"no probe row found for {b.model}")
+
+
+def golden_rows(b: Built):
+    """Holdout rows whose score is clear of decision boundaries, in order, with their answers."""
     x32 = b.data.x_hold.astype(np.float32)
     logits = forward(b.weights, x32.astype(np.float64))
     for i in range(len(x32)):
@@ -354,13 +361,12 @@ def pick_probe(b: Built) -> dict:
             if top2[1] - top2[0] < 0.1:
                 continue
             s, decision = float(p.max()), b.decision["labels"][int(p.argmax())]
-        return {
+        yield {
             "holdout_index": i,
             "features": [float(v) for v in x32[i]],
             "expected": {"score": s, "decision": decision},
             "atol": EXPORT_ATOL,
         }
-    raise RuntimeError(f"no probe row found for {b.model}")
 
 
 def manifest_for(b: Built, files: dict[str, str]) -> dict:
@@ -552,6 +558,37 @@ def write(files: dict[str, bytes], out: Path, force: bool) -> list[str]:
         Path(tmp.name).chmod(0o644)
         Path(tmp.name).replace(path)
     return changed
+
+
+# ----------------------------------------------------------------------------- registry artifact
+
+GOLDEN_CASES = 8
+HISTOGRAM_BINS = 10
+
+
+def export_artifact(b: Built, dest: Path) -> Path:
+    """Write `b` as an artifact dir for `python -m gateway models publish` (layout in
+    gateway/registry/layout.py): files/, training.json, golden.json, histograms.json."""
+    from gateway.registry.histograms import quantile_histograms
+
+    manifest = manifest_for(b, {})
+    (dest / "files").mkdir(parents=True, exist_ok=True)
+    (dest / "files" / "model.py").write_bytes(TEMPLATE.read_bytes())
+    (dest / "files" / "weights.npz").write_bytes(npz_bytes(b.weights))
+    keep = ("training_run_id", "dataset", "hyperparams", "seed", "metrics", "runtime",
+            "architecture", "input_schema", "outputs", "decision")  # fmt: skip
+    training = {k: manifest[k] for k in keep}
+    training["runtime"] = {k: v for k, v in training["runtime"].items() if k != "backend"}
+    training["preprocessing"] = {
+        "type": "standardize",
+        "where": "weights.npz mean/scale, applied inside model.py",
+    }
+    cases = [{k: c[k] for k in ("features", "expected")} for c in golden_rows(b)]
+    golden = {"atol": EXPORT_ATOL, "cases": cases[:GOLDEN_CASES]}
+    hist = quantile_histograms(b.data.x_train, b.data.feature_names, HISTOGRAM_BINS)
+    for name, doc in (("training", training), ("golden", golden), ("histograms", hist)):
+        (dest / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
