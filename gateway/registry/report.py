@@ -54,7 +54,11 @@ def refusal(repo: Path, model: str, version: str) -> str | None:
         return f"{model}@{version}: cannot read its manifest: {exc}"
     if report.get("digest") != digest:
         return f"{model}@{version}: validation report {path} is for other content (stale)"
-    failed = [c for c in report.get("checks", []) if not c.get("passed")]
+    # the first failure, not a check skipped because of it
+    checks = report.get("checks", [])
+    failed = [c for c in checks if not c.get("passed") and not _skipped(c)] or [
+        c for c in checks if not c.get("passed")
+    ]
     if failed or not report.get("passed"):
         first = failed[0] if failed else {"name": "?", "detail": "report not passed"}
         return (
@@ -75,10 +79,15 @@ def report_status(repo: Path, model: str, version: str) -> str:
     if "stale" in why:
         return "stale"
     try:
-        failed = [c["name"] for c in json.loads(path.read_text())["checks"] if not c["passed"]]
+        checks = json.loads(path.read_text())["checks"]
+        failed = [c["name"] for c in checks if not c["passed"] and not _skipped(c)]
     except (OSError, ValueError, KeyError, TypeError):
         return "failed"
     return "failed:" + ",".join(failed)
+
+
+def _skipped(check: dict[str, Any]) -> bool:
+    return str(check.get("detail", "")).startswith("not run")
 
 
 class ValidationGate:
