@@ -3,7 +3,8 @@
 The version is assembled in `<model>/.publish/<random>/` (Triton and the catalog ignore it), every
 file and the folder fsynced, then renamed to `<model>/<N+1>/` in one step: a reader sees no
 version or a whole one. Publishing content whose digest an existing version already has creates
-nothing and names that version.
+nothing and names that version. A model without `model_warmup` gets one from the first
+published version's golden inputs (gateway.registry.warmup).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gateway.errors import RegistryError
 from gateway.registry.digest import hash_tree, version_digest
 from gateway.registry.layout import MANIFEST, read_artifact, read_manifest, version_dirs
 from gateway.registry.manifest import build_manifest
+from gateway.registry.warmup import ensure_warmup
 
 log = structlog.get_logger(__name__)
 STAGING = ".publish"
@@ -91,6 +93,8 @@ def publish(
         shutil.rmtree(tmp, ignore_errors=True)
         if staging.is_dir() and not any(staging.iterdir()):
             staging.rmdir()
+    if ensure_warmup(repo / model, manifest):
+        log.info("warmup_added", model=model, version=nxt)
     log.info("published", model=model, version=nxt, digest=digest)
     return Published(model, nxt, digest, True, target)
 
