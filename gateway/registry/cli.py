@@ -90,6 +90,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from gateway.errors import RegistryError
     from gateway.registry.inventory import list_versions
     from gateway.registry.report import report_status
+    from gateway.routing.table import RouteError
 
     repo, routes = paths(args)
     try:
@@ -100,6 +101,9 @@ def cmd_list(args: argparse.Namespace) -> int:
                 print(f"{model}/{v.version}  {v.digest[:19]}  {status:<14}  {live}")
     except RegistryError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except RouteError as exc:  # where versions are live is unknown: say so, guess nothing
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -129,6 +133,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_retire(args: argparse.Namespace) -> int:
     from gateway.errors import RegistryError
     from gateway.registry.inventory import retire
+    from gateway.routing.table import RouteError
 
     repo, routes = paths(args)
     try:
@@ -138,5 +143,8 @@ def cmd_retire(args: argparse.Namespace) -> int:
             print(f"{model}: {verb} {', '.join(map(str, gone)) or 'nothing'}")
     except RegistryError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except RouteError as exc:  # an unreadable route might name any version: retire nothing
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

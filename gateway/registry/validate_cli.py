@@ -48,6 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from gateway.registry.cli import paths
     from gateway.registry.report import write_report
     from gateway.registry.validate import NOT_RUN, Thresholds, validate
+    from gateway.routing.table import RouteError
 
     repo, routes_dir = paths(args)
     settings = load_settings(args.config if args.config.exists() else None)
@@ -56,6 +57,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         route = find_route(routes_dir, args.model, args.route)
     except RegistryError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except RouteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     thresholds = Thresholds(metric_margin=args.metric_margin, probes=args.probes)
 

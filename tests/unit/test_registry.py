@@ -186,3 +186,12 @@ def test_export_artifact_is_what_train_py_builds(tmp_path: Path) -> None:
     assert (
         abs(float(train.sigmoid(logits[:, 0])[0]) - golden["cases"][1]["expected"]["score"]) < 1e-9
     )
+
+
+def test_retire_refuses_when_a_route_file_is_broken(repo: Path, tmp_path: Path, capsys) -> None:
+    d = routes(tmp_path)
+    (d / "risk.yaml").write_text("model: risk\nchampion: [not, a, target]\n")
+    args = ["models", "retire", "--repository", str(repo), "--routes-dir", str(d)]
+    assert main(args) == 1
+    assert "champion" in capsys.readouterr().err
+    assert (repo / "risk" / "1").is_dir() and (repo / "risk" / "2").is_dir()
