@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.routing.cli import add_routes_parser  # argparse only; routing loads lazily
 
     add_routes_parser(sub)
+    from gateway.registry.cli import add_models_parser
+
+    add_models_parser(sub)  # models publish / list / verify / retire / validate
     # Other engineers add their subcommands here: routes, labels, features, promote.
     from gateway.predlog.commands import add_parsers as add_data_parsers
 

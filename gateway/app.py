@@ -24,6 +24,7 @@ from gateway.clock import Clock, monotonic
 from gateway.config import Settings
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.observability import build_observability
+from gateway.registry.report import ValidationGate
 from gateway.resilience.cache import PredictionCache
 from gateway.resilience.fallback import FallbackLadder
 from gateway.routing.readiness import VersionGate
@@ -46,6 +47,8 @@ def build_app(
     metrics = Metrics(multiprocess_dir=os.environ.get(MULTIPROC_ENV))
     catalog = ModelCatalog.load(settings.routing.model_repository)
     table = load_route_table(settings.routing.routes_dir, catalog, sticky_secret(settings))
+    if settings.routing.require_validation:  # the startup table passes the reloads' gate too
+        ValidationGate(settings.routing.model_repository).require(table.targets())
     pool = build_pool(settings, metrics, clock) if backend is None else None
     if isinstance(backend, BackendPool) and backend.metrics is None:
         backend.metrics = metrics  # a pool built by a test reports into this app's registry
@@ -187,6 +190,7 @@ def _route_reloader(
         load_versions=r.load_versions,
         timeout_s=r.readiness_timeout_s,
         control_timeout_s=settings.triton.control_timeout_s,
+        validation=ValidationGate(r.model_repository) if r.require_validation else None,
     )
     return RouteReloader(
         r.routes_dir,

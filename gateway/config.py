@@ -97,6 +97,10 @@ class RoutingSettings:
     load_versions: bool = True
     #: Budget for loading a version and running its manifest probe before it may take traffic.
     readiness_timeout_s: float = 60.0
+    #: Route a version (reload, `routes set-weight`, the rollout controller) only with a
+    #: passing `models validate` report for its content (`<model>/validation/<N>.json`). Off
+    #: by default: reports need a live Triton, so the shipped versions carry none.
+    require_validation: bool = False
     #: Shadow copies in flight at once; more are dropped (and counted), never queued.
     shadow_max_in_flight: int = 64
     shadow_timeout_s: float = 2.0

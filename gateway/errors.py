@@ -31,7 +31,8 @@ headers an error needs (`Retry-After`, `WWW-Authenticate`, `X-RateLimit-*`) come
     │   ├── FeatureStoreUnavailable      503 feature_store_unavailable
     │   ├── FeedbackUnavailable          503 feedback_store_unavailable
     │   └── StreamUnavailable            503 log_store_unavailable (internal: triggers spooling)
-    └── DeadlineExceeded                 504 deadline_exceeded  [ladder: deadline; server*]
+    ├── DeadlineExceeded                 504 deadline_exceeded  [ladder: deadline; server*]
+    └── RegistryError                    409 registry_error (model registry CLI: publish ...)
 
 Traits, as class attributes, read by the layers instead of matching messages:
 - ``retryable``: the pool may try again, on another server when it has one [retry];
@@ -237,3 +238,10 @@ class DeadlineExceeded(SwitchyardError):
     default_code = "deadline_exceeded"
     server_failure = True  # only when the attempt had the timeout floor (the pool checks)
     fallback_reason = "deadline"
+
+
+class RegistryError(SwitchyardError):
+    """A model-registry operation refused: bad artifact, version exists, tampered file."""
+
+    status = 409
+    default_code = "registry_error"

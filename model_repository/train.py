@@ -338,6 +338,13 @@ def outputs_for(b: Built) -> list[str]:
 
 def pick_probe(b: Built) -> dict:
     """First holdout row whose score is clear of decision boundaries (robust health check)."""
+    for case in golden_rows(b):
+        return case
+    raise RuntimeError(f"no probe row found for {b.model}")
+
+
+def golden_rows(b: Built):
+    """Holdout rows whose score is clear of decision boundaries, in order, with their answers."""
     x32 = b.data.x_hold.astype(np.float32)
     logits = forward(b.weights, x32.astype(np.float64))
     for i in range(len(x32)):
@@ -354,13 +361,12 @@ def pick_probe(b: Built) -> dict:
             if top2[1] - top2[0] < 0.1:
                 continue
             s, decision = float(p.max()), b.decision["labels"][int(p.argmax())]
-        return {
+        yield {
             "holdout_index": i,
             "features": [float(v) for v in x32[i]],
             "expected": {"score": s, "decision": decision},
             "atol": EXPORT_ATOL,
         }
-    raise RuntimeError(f"no probe row found for {b.model}")
 
 
 def manifest_for(b: Built, files: dict[str, str]) -> dict:
@@ -451,29 +457,42 @@ def build_all() -> list[Built]:
         ]
 
 
-def render(built: list[Built]) -> dict[str, bytes]:
-    """Every artifact as relative path -> bytes."""
-    model_py = TEMPLATE.read_bytes()
+def render(built: list[Built], workdir: Path) -> tuple[dict[str, bytes], dict[str, Path]]:
+    """Every artifact as relative path -> bytes, and each version's artifact dir (in `workdir`).
+
+    Manifests and warm-up come from the registry's code (gateway/registry), the same that
+    `python -m gateway models publish` runs: what is written here is what a publish writes."""
+    from gateway.registry.digest import hash_tree
+    from gateway.registry.layout import read_artifact
+    from gateway.registry.manifest import build_manifest
+    from gateway.registry.warmup import render_warmup
+
     files: dict[str, bytes] = {}
-    for b in built:
+    artifacts: dict[str, Path] = {}
+    for b in built:  # in version order: a model's config and warm-up come from its latest
         n_layers = sum(k.startswith("W") for k in b.weights)
         n_out = int(b.weights[f"W{n_layers - 1}"].shape[1])
-        files[f"{b.model}/config.pbtxt"] = config_pbtxt(
+        config = config_pbtxt(
             b.model,
             len(b.data.feature_names),
             n_out if b.output_activation == "softmax" else None,
-        ).encode()
-        weights = npz_bytes(b.weights)
-        hashes = {
-            "model.py": hashlib.sha256(model_py).hexdigest(),
-            "weights.npz": hashlib.sha256(weights).hexdigest(),
-        }
-        manifest = json.dumps(manifest_for(b, hashes), indent=2, sort_keys=False) + "\n"
+        )
         vdir = f"{b.model}/{b.version}"
-        files[f"{vdir}/model.py"] = model_py
-        files[f"{vdir}/weights.npz"] = weights
-        files[f"{vdir}/manifest.json"] = manifest.encode()
-    return files
+        art = read_artifact(export_artifact(b, workdir / vdir))
+        manifest = build_manifest(art, b.model, b.version, hash_tree(art.files_dir), config)
+        block, warm = render_warmup(manifest, max(PREFERRED_BATCH_SIZES))
+        for rel in [r for r in files if r.startswith(f"{b.model}/{WARMUP}/")]:
+            del files[rel]
+        files[f"{b.model}/config.pbtxt"] = (config + block).encode()
+        files.update({f"{b.model}/{WARMUP}/{name}": data for name, data in warm.items()})
+        for name in manifest["files"]:
+            files[f"{vdir}/{name}"] = (art.files_dir / name).read_bytes()
+        files[f"{vdir}/manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+        artifacts[vdir] = art.root
+    return files, artifacts
+
+
+WARMUP = "warmup"
 
 
 ROUNDING_RTOL, ROUNDING_ATOL = 1e-9, 1e-12
@@ -510,6 +529,7 @@ def rounding_only(rel: str, new: bytes, old: bytes) -> bool:
         except ValueError:
             return False
         a["files"]["weights.npz"] = b["files"]["weights.npz"] = None
+        a.pop("digest", None), b.pop("digest", None)  # over the weights' hash, checked above
         return _close(a, b)
     return False
 
@@ -529,11 +549,20 @@ def _kept_within_rounding(rel: str, files: dict[str, bytes], out: Path) -> bool:
     return True
 
 
-def write(files: dict[str, bytes], out: Path, force: bool) -> list[str]:
+def _is_versioned(rel: str) -> bool:
+    parts = Path(rel).parts
+    return len(parts) == 3 and parts[1].isdigit()
+
+
+def write(
+    files: dict[str, bytes], out: Path, force: bool, artifacts: dict[str, Path] | None = None
+) -> list[str]:
+    """Write what changed; a version folder that does not exist yet is published through the
+    registry (`gateway.registry.publish`: atomic, never over an existing one)."""
     changed = []
     for rel, data in files.items():
         path = out / rel
-        is_versioned = len(Path(rel).parts) == 3
+        is_versioned = _is_versioned(rel)
         if path.exists() and path.read_bytes() == data:
             continue
         if path.exists() and is_versioned and not force and _kept_within_rounding(rel, files, out):
@@ -544,14 +573,66 @@ def write(files: dict[str, bytes], out: Path, force: bool) -> list[str]:
                 "add a new version instead, or pass --force"
             )
         changed.append(rel)
-    for rel in changed:
+    new_versions = sorted(
+        {str(Path(rel).parent) for rel in changed if _is_versioned(rel)}
+        - {str(Path(rel).parent) for rel in changed if (out / rel).parent.exists()},
+        key=lambda v: (Path(v).parent.name, int(Path(v).name)),
+    )
+    if artifacts is None:
+        new_versions = []
+    for rel in changed:  # model-level files (config, warm-up) first: publish reads the config
+        if str(Path(rel).parent) in new_versions:
+            continue
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
             tmp.write(files[rel])
         Path(tmp.name).chmod(0o644)
         Path(tmp.name).replace(path)
+    for vdir in new_versions:
+        _publish(out, vdir, files, artifacts or {})
     return changed
+
+
+def _publish(out: Path, vdir: str, files: dict[str, bytes], artifacts: dict[str, Path]) -> None:
+    from gateway.registry.publish import publish
+
+    model, version = Path(vdir).parent.name, int(Path(vdir).name)
+    done = publish(out, model, artifacts[vdir], version=version)
+    manifest = (done.path / "manifest.json").read_bytes()
+    if not done.created or manifest != files[f"{vdir}/manifest.json"]:
+        raise SystemExit(f"{vdir}: the registry published other bytes than train.py rendered")
+
+
+# ----------------------------------------------------------------------------- registry artifact
+
+GOLDEN_CASES = 8
+HISTOGRAM_BINS = 10
+
+
+def export_artifact(b: Built, dest: Path) -> Path:
+    """Write `b` as an artifact dir for `python -m gateway models publish` (layout in
+    gateway/registry/layout.py): files/, training.json, golden.json, histograms.json."""
+    from gateway.registry.histograms import quantile_histograms
+
+    manifest = manifest_for(b, {})
+    (dest / "files").mkdir(parents=True, exist_ok=True)
+    (dest / "files" / "model.py").write_bytes(TEMPLATE.read_bytes())
+    (dest / "files" / "weights.npz").write_bytes(npz_bytes(b.weights))
+    keep = ("training_run_id", "dataset", "hyperparams", "seed", "metrics", "runtime",
+            "architecture", "input_schema", "outputs", "decision")  # fmt: skip
+    training = {k: manifest[k] for k in keep}
+    training["runtime"] = {k: v for k, v in training["runtime"].items() if k != "backend"}
+    training["preprocessing"] = {
+        "type": "standardize",
+        "where": "weights.npz mean/scale, applied inside model.py",
+    }
+    cases = [{k: v for k, v in c.items() if k != "atol"} for c in golden_rows(b)]
+    golden = {"atol": EXPORT_ATOL, "cases": cases[:GOLDEN_CASES]}
+    hist = quantile_histograms(b.data.x_train, b.data.feature_names, HISTOGRAM_BINS)
+    for name, doc in (("training", training), ("golden", golden), ("histograms", hist)):
+        (dest / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -564,7 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     built = build_all()
-    changed = write(render(built), args.out, args.force)
+    with tempfile.TemporaryDirectory() as workdir:
+        files, artifacts = render(built, Path(workdir))
+        changed = write(files, args.out, args.force, artifacts)
     for b in built:
         print(f"{b.model}/{b.version}: {json.dumps(b.metrics, sort_keys=True)}")
     print(f"{len(changed)} file(s) written to {args.out}" if changed else "no changes")

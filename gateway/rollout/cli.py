@@ -37,6 +37,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from gateway.log import configure_logging
     from gateway.observability import redis_client
     from gateway.predlog.feedback import LabelStore
+    from gateway.registry.report import ValidationGate
     from gateway.rollout.controller import RolloutController, RolloutError
     from gateway.routing.table import RouteError
 
@@ -65,6 +66,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
             stream_prefix=settings.predlog.stream_prefix,
             catalog=ModelCatalog.load(repo) if repo.is_dir() else None,
             dry_run=args.dry_run,
+            validation=ValidationGate(repo) if settings.routing.require_validation else None,
         )
         try:
             if args.interval is not None:

@@ -78,6 +78,7 @@ class RolloutController:
         catalog: Any = None,
         wall: Callable[[], float] = time.time,
         dry_run: bool = False,
+        validation: Any = None,
     ) -> None:
         self.client = client
         self.labels = labels
@@ -88,6 +89,7 @@ class RolloutController:
         self.catalog = catalog  # ModelCatalog: the rewritten file's targets are checked too
         self.wall = wall
         self.dry_run = dry_run
+        self.validation = validation  # ValidationGate: no step up without a passing report
         self.log = structlog.get_logger("gateway.rollout")
 
     async def evaluate_once(self, model: str) -> Evaluation:
@@ -106,6 +108,13 @@ class RolloutController:
         )
         verdict = decide(self.policy, stats, weight)
         applied = False
+        refused = (
+            self.validation.refusal(challenger.target.model, challenger.target.version)
+            if self.validation is not None and verdict.next_weight > weight
+            else None
+        )
+        if refused is not None:  # the gate: no step up for a version without a passing report
+            verdict = Verdict("hold", weight, (f"validation gate: {refused}",))
         if verdict.next_weight != weight and not self.dry_run:
             # The file may have been edited while we measured: then the stats describe a
             # policy that is gone, so decide again next time rather than overwrite the edit.
@@ -121,6 +130,7 @@ class RolloutController:
                     verdict.next_weight,
                     challenger.target.model,
                     self.catalog,
+                    validation=self.validation,
                 )
                 applied = True
         evaluation = Evaluation(

@@ -3,7 +3,9 @@
 `set-weight` is the human path of a rollout: it edits the YAML with ruamel.yaml so comments and
 layout survive, validates the result exactly as the gateway will, and replaces the file
 atomically (temp file in the same directory + os.replace), so the hot reloader never reads a
-half-written file. Gateway modules are imported inside the handlers to keep the CLI light.
+half-written file. With `routing.require_validation` on, raising a challenger above 0 % needs
+its passing validation report (rolling back to 0 % never does). Gateway modules are imported
+inside the handlers to keep the CLI light.
 """
 
 from __future__ import annotations
@@ -52,6 +54,15 @@ def _dirs(args: argparse.Namespace) -> tuple[Path, Path | None]:
     return args.routes_dir or routing.routes_dir, repo
 
 
+def _validation(args: argparse.Namespace) -> Any:
+    """The registry's ValidationGate when routing.require_validation is on, else None."""
+    from gateway.config import load_settings
+    from gateway.registry.report import ValidationGate
+
+    routing = load_settings(args.config if args.config.exists() else None).routing
+    return ValidationGate(routing.model_repository) if routing.require_validation else None
+
+
 def _catalog(repo: Path | None) -> Any:
     from gateway.catalog import ModelCatalog
 
@@ -92,7 +103,13 @@ def cmd_set_weight(args: argparse.Namespace) -> int:
     routes_dir, repo = _dirs(args)
     try:
         path = set_weight(
-            routes_dir, args.model, args.version, args.weight, args.target, _catalog(repo)
+            routes_dir,
+            args.model,
+            args.version,
+            args.weight,
+            args.target,
+            _catalog(repo),
+            validation=_validation(args),
         )
     except RouteError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -108,8 +125,12 @@ def set_weight(
     weight: float,
     target: str | None = None,
     catalog: Any = None,
+    validation: Any = None,
 ) -> Path:
-    """Rewrite the route file of ``model`` with the challenger's new weight; return its path."""
+    """Rewrite the route file of ``model`` with the challenger's new weight; return its path.
+
+    ``validation`` (a `gateway.registry.report.ValidationGate`) refuses a weight above 0 for a
+    version without a passing report; 0 (a rollback) is always allowed."""
     from ruamel.yaml import YAML
 
     from gateway.routing.table import RouteError, check_targets, parse_route
@@ -134,6 +155,10 @@ def set_weight(
         raise RouteError(f"{path}: no challenger with version {version!r}{hint}")
     if len(matches) > 1:
         raise RouteError(f"{path}: several challengers have version {version!r}; pass --target")
+    if validation is not None and weight > 0:
+        from gateway.routing.table import Target
+
+        validation.require([Target(str(matches[0].get("target")), version)])
     matches[0]["weight"] = int(weight) if float(weight).is_integer() else weight
     out = io.StringIO()
     yaml.dump(doc, out)

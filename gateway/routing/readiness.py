@@ -1,7 +1,10 @@
 """Version readiness: a route may send traffic to a version only once it is proven to work.
 
-Proof is two steps: the server reports the version READY (after loading it through Triton's
-model-control API if it is missing), and the manifest's probe -- a known input with its
+With `routing.require_validation` on, a version first needs a passing validation report
+(`gateway.registry.report.ValidationGate`, written by `models validate`); without one the table
+is refused before anything is loaded. Then proof is two steps: the server reports the version
+READY (after loading it through Triton's model-control API if it is missing; with `model_warmup`
+READY also means warm), and the manifest's probe -- a known input with its
 expected score and decision -- gives the expected answer. A route table naming a version that
 fails either step is rejected whole, so the previous table keeps serving.
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -25,6 +28,9 @@ from gateway.catalog import ModelCatalog
 from gateway.errors import SwitchyardError
 from gateway.routing.table import RouteError, RouteTable
 from gateway.types import Deadline, Target
+
+if TYPE_CHECKING:
+    from gateway.registry.report import ValidationGate
 
 log = structlog.get_logger(__name__)
 
@@ -37,8 +43,10 @@ class VersionGate:
         load_versions: bool = True,
         timeout_s: float = 60.0,
         control_timeout_s: float = 2.0,
+        validation: ValidationGate | None = None,
     ) -> None:
         self.backend = backend
+        self.validation = validation  # None: no report required (routing.require_validation)
         self.load_versions = load_versions and isinstance(backend, ModelControl)
         self.timeout_s = timeout_s
         self.control_timeout_s = control_timeout_s
@@ -49,6 +57,8 @@ class VersionGate:
         new = sorted(table.targets() - live.targets(), key=str)
         if not new:
             return
+        if self.validation is not None:  # before any load: a refused version never warms up
+            self.validation.require(new)
         try:
             async with asyncio.timeout(self.timeout_s):
                 for target in new:
@@ -59,12 +69,19 @@ class VersionGate:
             ) from None
 
     async def _ensure_ready(self, target: Target, catalog: ModelCatalog) -> None:
+        await self.ensure_loaded(target)
+        await self.probe(target, catalog)
+        log.info("version_ready", target=str(target))
+
+    async def ensure_loaded(self, target: Target) -> None:
+        """READY on the server, loaded through model control if missing; else RouteError.
+
+        Triton's load returns only after the version's `model_warmup` ran (a model with warm-up
+        is not READY before), so READY here also means warm."""
         if not await self._ready(target) and self.load_versions:
             await self._load(target)
         if not await self._ready(target):
             raise RouteError(f"{target} is not READY on {self.backend.name}")
-        await self.probe(target, catalog)
-        log.info("version_ready", target=str(target))
 
     async def _ready(self, target: Target) -> bool:
         try:

@@ -1,0 +1,72 @@
+"""Real artifacts for registry tests, trained with model_repository/train.py (seconds).
+
+`trainer()` loads train.py as a module; `risk_artifact` trains a logistic-regression `risk`
+model with the given C (small C: a weaker model) and writes its artifact dir, exactly as a
+training job hands it to `models publish`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+
+
+def trainer() -> ModuleType:
+    name = "switchyard_model_train"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, MODEL_REPOSITORY / "train.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses need the module registered
+    spec.loader.exec_module(module)
+    return module
+
+
+def risk_built(c: float = 1.0, version: int = 3) -> Any:
+    with warnings.catch_warnings():
+        # as in train.build_all: sklearn 1.5 passes `iprint` to L-BFGS-B, newer SciPy warns
+        warnings.filterwarnings(
+            "ignore", message=r".*`disp` and `iprint` options", category=DeprecationWarning
+        )
+        return _risk_built(c, version)
+
+
+def _risk_built(c: float, version: int) -> Any:
+    train = trainer()
+    data = train.load("breast_cancer")
+    built = train.train_risk_v1(data)
+    if c == 1.0:
+        return built
+    # the same recipe with another regularisation strength
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    hp = {"estimator": "LogisticRegression", "C": c, "max_iter": 5000, "solver": "lbfgs"}
+    scaler = StandardScaler().fit(data.x_train)
+    est = LogisticRegression(C=c, max_iter=5000, solver="lbfgs", random_state=train.SEED).fit(
+        scaler.transform(data.x_train), data.y_train
+    )
+    return train._built_risk(version, data, hp, scaler, est, [est.coef_.T], [est.intercept_])
+
+
+def risk_artifact(dest: Path, c: float = 1.0) -> Path:
+    return trainer().export_artifact(risk_built(c), dest)
+
+
+def model_repo(tmp: Path, models: tuple[str, ...] = ("risk",)) -> Path:
+    """A copy of the shipped models (config + versions) to publish into."""
+    repo = tmp / "model_repository"
+    for model in models:
+        shutil.copytree(
+            MODEL_REPOSITORY / model, repo / model, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    return repo
