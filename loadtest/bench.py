@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -41,7 +42,10 @@ from loadtest.stats import Summary, open_loop_schedule, split_schedule, summariz
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL, VERSION, FEATURES = "risk", "2", 30
-TARGETS = ("triton-grpc", "triton-http", "gateway-v2", "gateway-v1")
+TARGETS = ("triton-grpc", "triton-http", "gateway-grpc", "gateway-v2", "gateway-v1",
+           "baseline-v2", "baseline-v1")  # fmt: skip
+#: Which process a target's requests cost CPU in (the Triton side is measured for all).
+SIDE_OF = {"gateway": "gateway", "baseline": "baseline"}
 
 
 # -- the workload --------------------------------------------------------------------------
@@ -62,7 +66,7 @@ class Endpoint:
 def http_bodies(target: str, rows: np.ndarray) -> list[bytes]:
     out = []
     for i, row in enumerate(rows):
-        if target == "gateway-v1":
+        if target.endswith("-v1"):
             body: dict[str, Any] = {
                 "model_name": MODEL,
                 "entity_id": f"bench-{i}",
@@ -79,16 +83,25 @@ def http_bodies(target: str, rows: np.ndarray) -> list[bytes]:
     return out
 
 
-def endpoints(gateway: str | None, triton_http: str | None, triton_grpc: str | None) -> dict:
+def endpoints(
+    gateway: str | None,
+    triton_http: str | None,
+    triton_grpc: str | None,
+    gateway_grpc: str | None = None,
+    baseline: str | None = None,
+) -> dict:
     infer = f"/v2/models/{MODEL}/versions/{VERSION}/infer"
     eps = {}
     if triton_grpc:
         eps["triton-grpc"] = Endpoint("triton-grpc", "grpc", triton_grpc, "triton")
     if triton_http:
         eps["triton-http"] = Endpoint("triton-http", "http", triton_http + infer, "triton")
-    if gateway:
-        eps["gateway-v2"] = Endpoint("gateway-v2", "http", gateway + infer, "gateway")
-        eps["gateway-v1"] = Endpoint("gateway-v1", "http", gateway + "/v1/predict", "gateway")
+    if gateway_grpc:
+        eps["gateway-grpc"] = Endpoint("gateway-grpc", "grpc", gateway_grpc, "gateway")
+    for side, url in (("gateway", gateway), ("baseline", baseline)):
+        if url:
+            eps[f"{side}-v2"] = Endpoint(f"{side}-v2", "http", url + infer, side)
+            eps[f"{side}-v1"] = Endpoint(f"{side}-v1", "http", url + "/v1/predict", side)
     return eps
 
 
@@ -321,7 +334,7 @@ def benchmark(args: argparse.Namespace, eps: dict[str, Endpoint], pids: dict[str
                 rates.append(
                     (f"1/2 {args.reference} sat", args.rate_fraction * sat[args.reference])
                 )
-            gw = [sat[n] for n in ("gateway-v2", "gateway-v1") if n in sat]
+            gw = [sat[n] for n in ("gateway-v2", "gateway-v1", "gateway-grpc") if n in sat]
             if gw:
                 rates.append(("1/2 gateway sat", args.rate_fraction * min(gw)))
         rng = random.Random(args.seed)
@@ -355,7 +368,8 @@ def table(rows: Sequence[Row]) -> str:
     for r in rows:
         s = r.summary
         offered = f"{r.offered:.0f}" if r.offered else "-"
-        gw = r.cpu_ms.get("gateway", float("nan")) if r.target.startswith("gateway") else 0.0
+        side = SIDE_OF.get(r.target.split("-")[0])
+        gw = r.cpu_ms.get(side, float("nan")) if side else 0.0
         lines.append(
             f"| {r.target} | {r.mode} | {offered} | {s.throughput:.0f} | {s.errors} "
             f"| {s.p50:.2f} | {s.p90:.2f} | {s.p99:.2f} | {s.p999:.2f} "
@@ -367,7 +381,9 @@ def table(rows: Sequence[Row]) -> str:
 def overhead(rows: Sequence[Row]) -> str:
     """Added latency and throughput ratio of each gateway path over each direct path."""
     pairs = [("gateway-v2", "triton-http"), ("gateway-v1", "triton-http"),
-             ("gateway-v1", "triton-grpc"), ("gateway-v2", "triton-grpc")]  # fmt: skip
+             ("gateway-v1", "triton-grpc"), ("gateway-v2", "triton-grpc"),
+             ("gateway-grpc", "triton-grpc"), ("gateway-v2", "baseline-v2"),
+             ("gateway-v1", "baseline-v1")]  # fmt: skip
     by = {(r.target, r.mode): r for r in rows}
     lines = [
         "| mode | gateway path | vs direct | added p50 ms | added p99 ms | throughput ratio |",
@@ -383,6 +399,20 @@ def overhead(rows: Sequence[Row]) -> str:
                 f"| {mode} | {gw} | {direct} | {a.summary.p50 - b.summary.p50:+.2f} "
                 f"| {a.summary.p99 - b.summary.p99:+.2f} | {ratio:.2f} |"
             )
+    return "\n".join(lines)
+
+
+def cpu_ratios(rows: Sequence[Row]) -> str:
+    """Gateway CPU per request of this checkout against the baseline's, mode by mode."""
+    by = {(r.target, r.mode): r for r in rows}
+    lines = ["| mode | path | CPU ms/req | baseline CPU ms/req | ratio |", "|" + " --- |" * 5]
+    for mode in dict.fromkeys(r.mode for r in rows):
+        for path in ("v2", "v1"):
+            a, b = by.get((f"gateway-{path}", mode)), by.get((f"baseline-{path}", mode))
+            if a is None or b is None:
+                continue
+            mine, base = a.cpu_ms.get("gateway", math.nan), b.cpu_ms.get("baseline", math.nan)
+            lines.append(f"| {mode} | /{path} | {_num(mine)} | {_num(base)} | {mine / base:.2f} |")
     return "\n".join(lines)
 
 
@@ -428,12 +458,70 @@ def pin_tree(pid: int, cpus: set[int]) -> int:
 
 
 # -- the stack -----------------------------------------------------------------------------
-@contextmanager
-def started_stack(workers: int, log_level: str, workdir: Path) -> Iterator[dict[str, Any]]:
-    """Triton (explicit mode, every model loaded) and a gateway process in front of it."""
+def _gateway_process(
+    stack: ExitStack, cwd: Path, env: dict[str, str], workers: int, log_path: Path
+) -> tuple[str, int]:
+    """A `python -m gateway serve` from ``cwd`` (this checkout or the baseline's), ready."""
     import subprocess
     import urllib.request
 
+    from gateway.tritonserver import free_port
+
+    port = free_port()
+    env = {**env, "SWITCHYARD__SERVER__HOST": "127.0.0.1", "SWITCHYARD__SERVER__PORT": str(port),
+           "PYTHONPATH": str(cwd)}  # fmt: skip
+    log = log_path.open("wb")
+    stack.callback(log.close)
+    gw = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--workers", str(workers)],
+        cwd=cwd,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    def stop() -> None:
+        gw.terminate()
+        try:
+            gw.wait(30)
+        except subprocess.TimeoutExpired:
+            gw.kill()
+
+    stack.callback(stop)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return url, gw.pid
+        except OSError:
+            pass
+        if gw.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"gateway did not become ready; see {log_path}")
+        time.sleep(0.1)
+
+
+def baseline_checkout(ref: str, into: Path) -> Path:
+    """The tree of ``ref`` (e.g. main before a change), exported to run side by side."""
+    import subprocess
+
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", ref],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+@contextmanager
+def started_stack(
+    workers: int, log_level: str, workdir: Path, baseline: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """Triton (explicit mode, every model loaded) and a gateway process in front of it; with
+    ``baseline``, a second gateway from that git ref in front of the same Triton."""
     from gateway.tritonserver import TritonOptions, TritonPorts, TritonServer, free_port
 
     triton = TritonServer(
@@ -448,57 +536,39 @@ def started_stack(workers: int, log_level: str, workdir: Path) -> Iterator[dict[
     )
     with ExitStack() as stack:
         stack.enter_context(triton)
-        port = free_port()
         env = {
             **os.environ,
             "SWITCHYARD__TRITON__GRPC_URL": triton.grpc_url,
             "SWITCHYARD__PREDLOG__SPOOL_DIR": str(workdir / "spool"),
-            "SWITCHYARD__SERVER__HOST": "127.0.0.1",
-            "SWITCHYARD__SERVER__PORT": str(port),
             "SWITCHYARD__LOG__LEVEL": log_level,
         }
-        log = (workdir / "gateway.log").open("wb")
-        stack.callback(log.close)
-        gw = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--workers", str(workers)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-        def stop() -> None:
-            gw.terminate()
-            try:
-                gw.wait(30)
-            except subprocess.TimeoutExpired:
-                gw.kill()
-
-        stack.callback(stop)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if gw.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"gateway did not become ready; see {workdir}/gateway.log")
-            time.sleep(0.1)
-        yield {
+        grpc_port = free_port()
+        url, pid = _gateway_process(
+            stack, REPO_ROOT, {**env, "SWITCHYARD__SERVER__GRPC_PORT": str(grpc_port)},
+            workers, workdir / "gateway.log",
+        )  # fmt: skip
+        where: dict[str, Any] = {
             "gateway": url,
+            "gateway_grpc": f"127.0.0.1:{grpc_port}",
             "triton_http": triton.http_url,
             "triton_grpc": triton.grpc_url,
-            "pids": {"gateway": gw.pid, "triton": triton.pid},
+            "pids": {"gateway": pid, "triton": triton.pid},
         }
+        if baseline:
+            tree = baseline_checkout(baseline, workdir / "baseline")
+            base_env = {**env, "SWITCHYARD__PREDLOG__SPOOL_DIR": str(workdir / "spool-baseline")}
+            where["baseline"], where["pids"]["baseline"] = _gateway_process(
+                stack, tree, base_env, workers, workdir / "baseline.log"
+            )
+        yield where
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="loadtest.bench", description=__doc__.splitlines()[0])
     p.add_argument("--start", action="store_true", help="start Triton and a gateway here")
     p.add_argument("--workers", type=int, default=1, help="gateway workers (with --start)")
+    p.add_argument("--baseline", metavar="REF", help="with --start: also run a gateway from "
+                   "this git ref (e.g. main) in front of the same Triton")  # fmt: skip
     p.add_argument("--gateway-log-level", default="info", help="gateway log level (--start)")
     p.add_argument("--gateway", help="gateway base URL")
     p.add_argument("--triton-http", help="Triton HTTP base URL")
@@ -532,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.start:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
             where = stack.enter_context(
-                started_stack(args.workers, args.gateway_log_level, workdir)
+                started_stack(args.workers, args.gateway_log_level, workdir, args.baseline)
             )
         else:
             where = {
@@ -545,7 +615,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if side != "client" and where["pids"].get(side):
                 n = pin_tree(where["pids"][side], cpus)
                 print(f"# pinned {side} ({n} threads) to CPUs {sorted(cpus)}", file=sys.stderr)
-        eps = endpoints(where["gateway"], where["triton_http"], where["triton_grpc"])
+        eps = endpoints(
+            where["gateway"], where["triton_http"], where["triton_grpc"],
+            where.get("gateway_grpc"), where.get("baseline"),
+        )  # fmt: skip
         if not eps:
             print("error: no targets (use --start or give URLs)", file=sys.stderr)
             return 2
@@ -559,6 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(rows))
     print()
     print(overhead(rows))
+    if any(r.target.startswith("baseline") for r in rows):
+        print()
+        print(cpu_ratios(rows))
     if args.json:
         args.json.write_text(
             json.dumps(
