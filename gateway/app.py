@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gateway.api import admin, feedback, oip
 from gateway.api import routes as v1
+from gateway.api.grpc_server import grpc_serving
 from gateway.api.keys import METRICS, SERVICE, SETTINGS
 from gateway.api.middleware import request_context
 from gateway.backends.base import Backend
@@ -228,6 +229,9 @@ def serve_one(
 
     async def make_app() -> web.Application:
         app = build_app(settings)  # inside the loop: grpc.aio channels bind to it
+        # The OIP gRPC front door (server.grpc_port), last: it starts after, and stops
+        # before, everything it calls into.
+        app.cleanup_ctx.append(grpc_serving(settings, reuse_port=reuse_port))
         tune_gc()
         return app
 

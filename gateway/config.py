@@ -35,6 +35,8 @@ class ConfigError(ValueError):
 class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 8080
+    #: The OIP gRPC server (KServe v2 GRPCInferenceService) on the same host; 0: none.
+    grpc_port: int = 8081
     max_body_bytes: int = 1 << 20
     max_batch_items: int = 256
     shutdown_timeout_s: float = 10.0
