@@ -1,0 +1,200 @@
+"""The OIP gRPC front door on a FakeBackend: stock tritonclient.grpc.aio against it, error
+statuses from the error tree, the gRPC deadline, streaming, and cancellation into the core."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from gateway.api.grpc_server import CODE_METADATA, grpc_serving
+from gateway.app import build_app
+from gateway.backends.fake import FakeBackend
+from gateway.errors import BackendUnavailable, Overloaded
+from gateway.tritonserver import free_port
+from tests.unit.fakes import toy_backend, toy_fn, write_repo
+
+X = np.array([[0.5, 0.0, -1.0], [1.0, 2.0, 3.0]], np.float32)
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return toy_backend()
+
+
+@pytest.fixture
+async def address(tmp_path: Path, backend: FakeBackend, aiohttp_client) -> str:
+    settings = write_repo(tmp_path)
+    port = free_port()
+    settings = dataclasses.replace(
+        settings, server=dataclasses.replace(settings.server, host="127.0.0.1", grpc_port=port)
+    )
+    app = build_app(settings, backend=backend)
+    app.cleanup_ctx.append(grpc_serving(settings))
+    await aiohttp_client(app)  # starts the app, and with it the gRPC server
+    return f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def client(address: str) -> AsyncIterator[grpcclient.InferenceServerClient]:
+    c = grpcclient.InferenceServerClient(address)
+    yield c
+    await c.close()
+
+
+def features(x: np.ndarray = X) -> grpcclient.InferInput:
+    inp = grpcclient.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return inp
+
+
+async def poll(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_stock_client_infers_through_the_core(client, backend) -> None:
+    res = await client.infer(
+        "toy", [features()], request_id="r-1", parameters={"entity_id": "e1"}, priority=3
+    )
+    expected = toy_fn({"features": features_tensor()})
+    np.testing.assert_array_equal(res.as_numpy("score"), expected["score"].data)
+    np.testing.assert_array_equal(res.as_numpy("decision"), expected["decision"].data)
+    reply = res.get_response()
+    assert (reply.model_name, reply.id) == ("toy", "r-1")
+    sent = backend.calls[-1]
+    assert dict(sent.parameters) == {"entity_id": "e1", "priority": 3}
+    assert sent.request_id == "r-1" and sent.version == ""
+    np.testing.assert_array_equal(sent.inputs[0].data, X)
+
+
+def features_tensor():
+    from gateway.tensors import Tensor
+
+    return Tensor("features", "FP32", X)
+
+
+async def test_typed_contents_equal_raw_contents(address: str, backend) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        msg = service_pb2.ModelInferRequest(model_name="toy", model_version="1")
+        spec = msg.inputs.add(name="features", datatype="FP32", shape=list(X.shape))
+        spec.contents.fp32_contents.extend(X.ravel().tolist())
+        msg.outputs.add(name="score")
+        reply = await stub.ModelInfer(msg, timeout=5)
+    assert [o.name for o in reply.outputs] == ["score"] and reply.model_version == "1"
+    np.testing.assert_array_equal(backend.calls[-1].inputs[0].data, X)
+    score = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(
+        list(reply.outputs[0].shape)
+    )
+    np.testing.assert_array_equal(score, toy_fn({"features": features_tensor()})["score"].data)
+
+
+async def test_health_and_metadata(client) -> None:
+    assert await client.is_server_live()
+    assert await client.is_server_ready()
+    assert await client.is_model_ready("toy", "2")
+    assert not await client.is_model_ready("toy", "9")
+    assert not await client.is_model_ready("nope")
+    meta = await client.get_model_metadata("toy", as_json=True)
+    assert meta["name"] == "toy" and meta["versions"] == ["1", "2"]
+    assert meta["inputs"] == [{"name": "features", "datatype": "FP32", "shape": ["-1", "3"]}]
+    config = await client.get_model_config("toy", as_json=True)
+    assert config["config"]["name"] == "toy"
+    server = await client.get_server_metadata(as_json=True)
+    assert server["name"] == "fake"
+
+
+@pytest.mark.parametrize(
+    ("call", "status", "code"),
+    [
+        (lambda c: c.infer("nope", [features()]), "NOT_FOUND", "model_not_found"),
+        (lambda c: c.infer("toy", [features()], model_version="9"), "NOT_FOUND",
+         "version_not_found"),
+        (lambda c: c.get_model_metadata("nope"), "NOT_FOUND", "model_not_found"),
+        (lambda c: c.get_model_config("nope"), "NOT_FOUND", "model_not_found"),
+        (lambda c: c.infer("toy", [grpcclient.InferInput("features", [-1, 3], "FP32")]),
+         "INVALID_ARGUMENT", "invalid_tensor"),
+    ],
+)  # fmt: skip
+async def test_errors_map_to_grpc_status(address: str, client, call, status, code) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        await call(client)
+    assert info.value.status() == f"StatusCode.{status}", info.value
+
+
+async def test_error_code_rides_in_trailing_metadata(address: str) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        msg = service_pb2.ModelInferRequest(model_name="toy")
+        msg.inputs.add(name="features", datatype="FP32", shape=[1, 40] + [1] * 40)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(msg, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (CODE_METADATA, "invalid_tensor") in tuple(info.value.trailing_metadata())
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [(BackendUnavailable("down"), "UNAVAILABLE"), (Overloaded("busy"), "RESOURCE_EXHAUSTED")],
+)
+async def test_backend_failures_map_by_class(client, backend, exc, status) -> None:
+    backend.fail_with = exc
+    with pytest.raises(InferenceServerException) as info:
+        await client.infer("toy", [features()])
+    assert info.value.status() == f"StatusCode.{status}"
+
+
+async def test_grpc_deadline_is_the_request_deadline(client, backend) -> None:
+    backend.hang = True  # answers DeadlineExceeded once the deadline it was given runs out
+    started = time.monotonic()
+    with pytest.raises(InferenceServerException) as info:
+        await client.infer("toy", [features()], client_timeout=0.2)
+    assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    assert time.monotonic() - started < 0.9  # not the route's 1 s default
+    await poll(lambda: backend.in_flight == 0)
+
+
+async def test_client_cancel_cancels_the_backend_call(address: str, backend) -> None:
+    backend.hang = True
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        msg = service_pb2.ModelInferRequest(model_name="toy")
+        spec = msg.inputs.add(name="features", datatype="FP32", shape=[1, 3])
+        msg.raw_input_contents.append(np.zeros(3, np.float32).tobytes())
+        call = stub.ModelInfer(msg, timeout=25)  # the backend would hang for 25 s
+        await poll(lambda: backend.in_flight == 1)
+        assert spec.name == "features"
+        started = time.monotonic()
+        call.cancel()
+        await poll(lambda: backend.in_flight == 0, timeout_s=5)
+    assert time.monotonic() - started < 5
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+
+async def test_stream_answers_each_request_and_reports_errors_in_band(client, backend) -> None:
+    results: list[tuple[object, object]] = []
+
+    async def requests():
+        yield {"model_name": "toy", "inputs": [features()], "request_id": "a"}
+        yield {"model_name": "nope", "inputs": [features()], "request_id": "b"}
+        yield {"model_name": "toy", "inputs": [features()], "request_id": "c"}
+
+    async for result, error in client.stream_infer(requests(), stream_timeout=10):
+        results.append((result, error))
+    assert [r.get_response().id for r, e in results if e is None] == ["a", "c"]
+    errors = [e for _, e in results if e is not None]
+    assert len(errors) == 1 and "nope" in errors[0].message()
+    assert len(backend.calls) == 3
