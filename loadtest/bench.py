@@ -455,6 +455,7 @@ def started_stack(workers: int, log_level: str, workdir: Path) -> Iterator[dict[
             "SWITCHYARD__PREDLOG__SPOOL_DIR": str(workdir / "spool"),
             "SWITCHYARD__SERVER__HOST": "127.0.0.1",
             "SWITCHYARD__SERVER__PORT": str(port),
+            "SWITCHYARD__SERVER__GRPC_PORT": str(free_port()),  # not the default, maybe taken
             "SWITCHYARD__LOG__LEVEL": log_level,
         }
         log = (workdir / "gateway.log").open("wb")

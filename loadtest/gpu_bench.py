@@ -306,6 +306,7 @@ def _start_gateway(server: Any, workers: int, root: Path) -> tuple[str, subproce
         **os.environ,
         "SWITCHYARD__TRITON__GRPC_URL": server.grpc_url,
         "SWITCHYARD__SERVER__PORT": str(port),
+        "SWITCHYARD__SERVER__GRPC_PORT": str(free_port()),  # not the default, maybe taken
         "SWITCHYARD__SERVER__HOST": "127.0.0.1",
         "SWITCHYARD__LOG__LEVEL": "warning",
     }

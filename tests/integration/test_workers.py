@@ -152,3 +152,22 @@ def test_sighup_replaces_workers_one_by_one(workers2: GatewayProcess) -> None:
             break
     assert len(new) == 2, (old, new)
     assert failures == 0
+
+
+def test_workers_share_the_grpc_port(workers2: GatewayProcess) -> None:
+    import tritonclient.grpc as grpcclient
+
+    port = int(workers2.grpc_url.rsplit(":", 1)[1])
+    pids = _pids_answering(workers2.url, 2)
+    listening = {
+        pid
+        for pid in pids
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
+    assert listening == pids  # each worker bound it (SO_REUSEPORT), as with the REST port
+    client = grpcclient.InferenceServerClient(workers2.grpc_url)
+    try:
+        assert client.is_server_ready()
+    finally:
+        client.close()
