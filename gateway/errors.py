@@ -4,32 +4,36 @@ Each class carries its HTTP status and a stable machine-readable ``code``; one m
 (`gateway.api.middleware`) turns any of them into a response, so handlers never catch.
 Foreign exceptions (grpc, tritonclient, redis) are translated at their boundary.
 
-    SwitchyardError                      500 internal_error            INTERNAL
-    ├── ClientError                      400 invalid_request           INVALID_ARGUMENT
-    │   ├── MalformedJSON                400 malformed_json            INVALID_ARGUMENT
-    │   ├── InvalidField                 400 invalid_field             INVALID_ARGUMENT
-    │   │   └── InvalidDeadline          400 invalid_deadline          INVALID_ARGUMENT
-    │   ├── InvalidTensor                400 invalid_tensor            INVALID_ARGUMENT
-    │   ├── InvalidParameter             400 invalid_parameter         INVALID_ARGUMENT
-    │   ├── Unauthorized                 401 unauthorized              UNAUTHENTICATED
-    │   ├── NotFound                     404 not_found                 NOT_FOUND
-    │   │   ├── ModelNotFound            404 model_not_found           NOT_FOUND
-    │   │   └── VersionNotFound          404 version_not_found         NOT_FOUND
-    │   ├── PayloadTooLarge              413 payload_too_large         RESOURCE_EXHAUSTED
-    │   ├── ValidationFailed             422 invalid_features (code varies per field error)
-    │   └── RateLimited                  429 rate_limited              RESOURCE_EXHAUSTED
-    ├── BackendError                     502 backend_error             INTERNAL
-    ├── ServiceUnavailable               503 unavailable (+ Retry-After)  UNAVAILABLE
-    │   ├── BackendUnavailable           503 backend_unavailable       UNAVAILABLE
-    │   ├── Overloaded                   503 overloaded                RESOURCE_EXHAUSTED
-    │   ├── NotReady                     503 not_ready                 UNAVAILABLE
-    │   ├── FeatureStoreUnavailable      503 feature_store_unavailable UNAVAILABLE
-    │   ├── FeedbackUnavailable          503 feedback_store_unavailable UNAVAILABLE
-    │   └── StreamUnavailable            503 log_store_unavailable (internal: triggers spooling)
-    └── DeadlineExceeded                 504 deadline_exceeded         DEADLINE_EXCEEDED
+    SwitchyardError                  500 internal_error             INTERNAL
+    ├── ClientError                  400 invalid_request            INVALID_ARGUMENT
+    │   ├── MalformedJSON            400 malformed_json             INVALID_ARGUMENT
+    │   ├── InvalidField             400 invalid_field              INVALID_ARGUMENT
+    │   │   └── InvalidDeadline      400 invalid_deadline           INVALID_ARGUMENT
+    │   ├── InvalidTensor            400 invalid_tensor             INVALID_ARGUMENT
+    │   ├── InvalidParameter         400 invalid_parameter          INVALID_ARGUMENT
+    │   ├── Unauthorized             401 unauthorized               UNAUTHENTICATED
+    │   ├── NotFound                 404 not_found                  NOT_FOUND
+    │   │   ├── ModelNotFound        404 model_not_found            NOT_FOUND
+    │   │   └── VersionNotFound      404 version_not_found          NOT_FOUND
+    │   ├── PayloadTooLarge          413 payload_too_large          RESOURCE_EXHAUSTED
+    │   ├── ValidationFailed         422 invalid_features*           INVALID_ARGUMENT
+    │   └── RateLimited              429 rate_limited               RESOURCE_EXHAUSTED
+    ├── BackendError                 502 backend_error              INTERNAL
+    ├── ServiceUnavailable           503 unavailable (Retry-After)  UNAVAILABLE
+    │   ├── BackendUnavailable       503 backend_unavailable        UNAVAILABLE
+    │   ├── Overloaded               503 overloaded                 RESOURCE_EXHAUSTED
+    │   ├── NotReady                 503 not_ready                  UNAVAILABLE
+    │   ├── FeatureStoreUnavailable  503 feature_store_unavailable  UNAVAILABLE
+    │   ├── FeedbackUnavailable      503 feedback_store_unavailable UNAVAILABLE
+    │   └── StreamUnavailable        503 log_store_unavailable*     UNAVAILABLE
+    └── DeadlineExceeded             504 deadline_exceeded          DEADLINE_EXCEEDED
 
-The last column, ``grpc_status``, is the grpc.StatusCode name the OIP gRPC server answers
-with (`gateway.api.grpc_server`); a class without its own inherits its parent's.
+* invalid_features: the code varies per field error. log_store_unavailable is internal: it
+  makes the prediction log spool.
+
+The third column, ``grpc_status``, is the grpc.StatusCode name the OIP gRPC server answers
+with (`gateway.api.grpc_server`), what Triton answers for the same failure; a class without
+its own inherits its parent's.
 """
 
 from __future__ import annotations
