@@ -62,6 +62,12 @@ _KNOWN_PARAMETERS: dict[str, tuple[type, ...]] = {
     "priority": (int,),
 }
 _LEN = struct.Struct("<I")
+_FLOAT_MAX = {2: float(np.finfo(np.float16).max), 4: float(np.finfo(np.float32).max)}
+_INT_RANGE = {
+    d.char: (int(np.iinfo(d).min), int(np.iinfo(d).max))
+    for d in DATATYPES.values()
+    if d.kind in "iu"
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,8 +280,8 @@ def _numeric_array(name: str, dtype: np.dtype, flat: list[Any]) -> np.ndarray:
     if not flat:
         return np.empty(0, dtype=dtype)
     if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        if min(flat) < info.min or max(flat) > info.max:
+        lo, hi = _INT_RANGE[dtype.char]
+        if min(flat) < lo or max(flat) > hi:
             raise InvalidTensor(
                 f"input {name!r}: value out of range for {dtype.name}", details={"input": name}
             )
@@ -283,9 +289,11 @@ def _numeric_array(name: str, dtype: np.dtype, flat: list[Any]) -> np.ndarray:
     if dtype.kind == "b":
         return np.array(flat, dtype=dtype)
     try:
-        with np.errstate(over="raise"):  # a finite double too large for FP32/FP16
-            return np.array(flat, dtype=np.float64).astype(dtype, copy=False)
-    except (OverflowError, FloatingPointError):
+        if dtype.itemsize < 8 and not max(map(abs, flat)) <= _FLOAT_MAX[dtype.itemsize]:
+            with np.errstate(over="raise"):  # which value is a finite double too large?
+                return np.array(flat, dtype=np.float64).astype(dtype)
+        return np.array(flat, dtype=dtype)
+    except (OverflowError, FloatingPointError):  # OverflowError: an int beyond any double
         raise InvalidTensor(
             f"input {name!r}: value out of range for {dtype.name}", details={"input": name}
         ) from None
