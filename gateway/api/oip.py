@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway.api.keys import LOG_FIELDS, REQUEST_ID, SERVICE, SETTINGS
 from gateway.api.middleware import json_response
-from gateway.api.v2_codec import DecodeLimits, decode_rest, encode_rest
+from gateway.api.v2_codec import DecodeLimits, check_parameters, decode_rest, encode_rest
 from gateway.errors import InvalidDeadline, NotReady, PayloadTooLarge, SwitchyardError
 
 routes = web.RouteTableDef()
@@ -95,16 +95,13 @@ async def infer(request: web.Request) -> web.Response:
             details={"limit": max_bytes},
         )
     body = await request.read()  # aiohttp enforces client_max_size while streaming
+    limits = DecodeLimits.for_body(max_bytes)
     req, want = decode_rest(
-        model,
-        version,
-        body,
-        request.headers.get(HEADER_LENGTH),
-        DecodeLimits.for_body(max_bytes),
-        request[REQUEST_ID],
+        model, version, body, request.headers.get(HEADER_LENGTH), limits, request[REQUEST_ID]
     )
     entity = request.headers.get(ENTITY_HEADER)
-    if entity and "entity_id" not in req.parameters:
+    if entity is not None and "entity_id" not in req.parameters:  # the body's wins
+        check_parameters({"entity_id": entity}, limits, ENTITY_HEADER)
         req = dataclasses.replace(req, parameters={**req.parameters, "entity_id": entity})
     request[LOG_FIELDS].update(model=model, version=version or "latest")
     context = {"deadline_ms": deadline_ms} if deadline_ms is not None else {}

@@ -145,6 +145,14 @@ async def test_error_code_rides_in_trailing_metadata(address: str) -> None:
     assert (CODE_METADATA, "invalid_tensor") in tuple(info.value.trailing_metadata())
 
 
+async def test_message_over_the_body_limit_is_resource_exhausted(client, backend) -> None:
+    x = np.zeros((1, (1 << 20) // 4 + 16), np.float32)  # just over server.max_body_bytes
+    with pytest.raises(InferenceServerException) as info:
+        await client.infer("toy", [features(x)])
+    assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert backend.calls == []
+
+
 @pytest.mark.parametrize(
     ("exc", "status"),
     [(BackendUnavailable("down"), "UNAVAILABLE"), (Overloaded("busy"), "RESOURCE_EXHAUSTED")],

@@ -62,6 +62,12 @@ async def test_bad_deadline_header_is_400(client: TestClient, backend, value: st
     assert backend.calls == []
 
 
+async def test_overlong_entity_header_is_400(client: TestClient, backend) -> None:
+    status, body = await post(client, with_input(), {"X-Entity-ID": "e" * 5000})
+    assert (status, body["code"]) == (400, "invalid_parameter"), body
+    assert backend.calls == []
+
+
 def _binary_size(value: Any) -> tuple[bytes, dict[str, str]]:
     return fp32_binary([1, 3], binary_data_size=value)
 
