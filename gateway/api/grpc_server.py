@@ -15,6 +15,7 @@ stopped with the app (`grpc_serving`, an aiohttp cleanup_ctx entry).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -148,7 +149,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, msg: Any, context: grpc.aio.ServicerContext) -> Any:
         req = decode_proto(msg, self.limits, msg.id or uuid.uuid4().hex)
-        structlog.contextvars.bind_contextvars(request_id=req.request_id)
+        structlog.contextvars.bind_contextvars(request_id=req.request_id, model=req.model)
         resp = await self.service.infer(req, self._deadline(context, req.model))
         return encode_proto(resp, req.outputs, msg.id)
 
@@ -216,7 +217,7 @@ def grpc_serving(
         address = _address(server_settings.host, server_settings.grpc_port)
         server.add_insecure_port(address)  # raises RuntimeError when it cannot bind
         await server.start()
-        log.info("grpc_listening", address=address)
+        log.info("grpc_listening", address=address, pid=os.getpid())
         try:
             yield
         finally:
