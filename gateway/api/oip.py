@@ -101,7 +101,7 @@ async def infer(request: web.Request) -> web.Response:
     )
     entity = request.headers.get(ENTITY_HEADER)
     if entity is not None and "entity_id" not in req.parameters:  # the body's wins
-        check_parameters({"entity_id": entity}, limits, ENTITY_HEADER)
+        check_parameters({"entity_id": entity}, limits, f"{ENTITY_HEADER} header: ")
         req = dataclasses.replace(req, parameters={**req.parameters, "entity_id": entity})
     request[LOG_FIELDS].update(model=model, version=version or "latest")
     context = {"deadline_ms": deadline_ms} if deadline_ms is not None else {}
