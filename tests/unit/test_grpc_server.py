@@ -19,9 +19,12 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.api.grpc_server import CODE_METADATA, grpc_serving
 from gateway.api.keys import SERVICE, SETTINGS
+from gateway.api.v2_proto import encode_proto
 from gateway.app import build_app
+from gateway.backends.base import InferResponse
 from gateway.backends.fake import FakeBackend
 from gateway.errors import BackendUnavailable, Overloaded
+from gateway.tensors import Tensor
 from gateway.tritonserver import free_port
 from tests.unit.fakes import toy_backend, toy_fn, write_repo
 
@@ -84,9 +87,7 @@ async def test_stock_client_infers_through_the_core(client, backend) -> None:
     np.testing.assert_array_equal(sent.inputs[0].data, X)
 
 
-def features_tensor():
-    from gateway.tensors import Tensor
-
+def features_tensor() -> Tensor:
     return Tensor("features", "FP32", X)
 
 
@@ -223,3 +224,14 @@ async def test_stream_answers_each_request_and_reports_errors_in_band(client, ba
     errors = [e for _, e in results if e is not None]
     assert len(errors) == 1 and "nope" in errors[0].message()
     assert len(backend.calls) == 3
+
+
+def test_response_parameters_become_infer_parameters() -> None:
+    params = {"policy_version": "routes@abc", "fallback_used": None, "cached": True,
+              "rung": 2, "big": 2**63, "share": 0.5}  # fmt: skip
+    msg = encode_proto(InferResponse("toy", "2", {}, parameters=params), (), "id-1")
+    got = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in msg.parameters.items()}
+    assert got == {"policy_version": "routes@abc", "cached": True, "rung": 2, "big": 2**63,
+                   "share": 0.5}  # fmt: skip
+    assert msg.parameters["big"].WhichOneof("parameter_choice") == "uint64_param"
+    assert (msg.id, msg.model_version) == ("id-1", "2")
