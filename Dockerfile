@@ -9,7 +9,7 @@ COPY gateway ./gateway
 RUN pip install .
 COPY configs ./configs
 COPY model_repository ./model_repository
-EXPOSE 8080
+EXPOSE 8080 8081
 HEALTHCHECK --interval=5s --timeout=2s --retries=12 \
   CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status != 200)"
 CMD ["python", "-m", "gateway", "serve", "--config", "configs/gateway.yaml"]

@@ -205,8 +205,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             ),
         )
         host = settings.server.host
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{settings.server.port}"
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        url = f"http://{shown}:{settings.server.port}"
         print(f"gateway   {url}  (Ctrl-C stops the gateway, then Triton)")
+        if settings.server.grpc_port:
+            print(f"grpc      {shown}:{settings.server.grpc_port}  (OIP, e.g. tritonclient.grpc)")
         print(f"try       curl -s {url}/readyz")
         print(
             f"          curl -s {url}/v1/predict -H 'content-type: application/json' "

@@ -36,6 +36,8 @@ class ServerSettings:
     #: Loopback unless told otherwise: the image (compose, Kubernetes) sets 0.0.0.0 by env.
     host: str = "127.0.0.1"
     port: int = 8080
+    #: The OIP gRPC server (KServe v2 GRPCInferenceService) on the same host; 0: none.
+    grpc_port: int = 8081
     max_body_bytes: int = 1 << 20
     max_batch_items: int = 256
     shutdown_timeout_s: float = 10.0

@@ -9,6 +9,10 @@ headers an error needs (`Retry-After`, `WWW-Authenticate`, `X-RateLimit-*`) come
     SwitchyardError                      500 internal_error
     ├── ClientError                      400 invalid_request
     │   ├── MalformedJSON                400 malformed_json
+    │   ├── InvalidField                 400 invalid_field
+    │   │   └── InvalidDeadline          400 invalid_deadline
+    │   ├── InvalidTensor                400 invalid_tensor
+    │   ├── InvalidParameter             400 invalid_parameter
     │   ├── Unauthorized                 401 unauthenticated (+ WWW-Authenticate: Bearer)
     │   ├── Forbidden                    403 forbidden (the key lacks the endpoint's scope)
     │   ├── NotFound                     404 not_found
@@ -42,6 +46,12 @@ Traits, as class attributes, read by the layers instead of matching messages:
   the server;
 - ``fallback_reason``: the fallback ladder answers instead, counted under this reason
   [ladder]; None: the caller must see the error (bad input, the gateway shedding load).
+- ``grpc_status``: the grpc.StatusCode name the OIP gRPC server answers with
+  (`gateway.api.grpc_server`), what Triton answers for the same failure; a class without its
+  own inherits its parent's (ClientError INVALID_ARGUMENT, NotFound NOT_FOUND, Unauthorized
+  UNAUTHENTICATED, Forbidden PERMISSION_DENIED, PayloadTooLarge / RateLimited / Overloaded
+  RESOURCE_EXHAUSTED, ServiceUnavailable UNAVAILABLE, DeadlineExceeded DEADLINE_EXCEEDED,
+  anything else INTERNAL).
 """
 
 from __future__ import annotations
@@ -56,6 +66,8 @@ class SwitchyardError(Exception):
     retryable: ClassVar[bool] = False
     server_failure: ClassVar[bool] = False
     fallback_reason: ClassVar[str | None] = None
+    #: A grpc.StatusCode name; a string so this module needs no grpc import.
+    grpc_status: ClassVar[str] = "INTERNAL"
 
     def __init__(
         self,
@@ -92,10 +104,33 @@ class SwitchyardError(Exception):
 class ClientError(SwitchyardError):
     status = 400
     default_code = "invalid_request"
+    grpc_status = "INVALID_ARGUMENT"
 
 
 class MalformedJSON(ClientError):
     default_code = "malformed_json"
+
+
+class InvalidField(ClientError):
+    """A request field of the wrong type or out of range (``details.field`` names it)."""
+
+    default_code = "invalid_field"
+
+
+class InvalidDeadline(InvalidField):
+    default_code = "invalid_deadline"
+
+
+class InvalidTensor(ClientError):
+    """An OIP input tensor that cannot be decoded: name, datatype, shape or data."""
+
+    default_code = "invalid_tensor"
+
+
+class InvalidParameter(ClientError):
+    """An OIP ``parameters`` map that is not string keys to scalar values."""
+
+    default_code = "invalid_parameter"
 
 
 class Unauthorized(ClientError):
@@ -103,6 +138,7 @@ class Unauthorized(ClientError):
 
     status = 401
     default_code = "unauthenticated"
+    grpc_status = "UNAUTHENTICATED"
 
     def headers(self) -> dict[str, str]:
         return {**super().headers(), "WWW-Authenticate": 'Bearer realm="switchyard"'}
@@ -113,11 +149,13 @@ class Forbidden(ClientError):
 
     status = 403
     default_code = "forbidden"
+    grpc_status = "PERMISSION_DENIED"
 
 
 class NotFound(ClientError):
     status = 404
     default_code = "not_found"
+    grpc_status = "NOT_FOUND"
 
 
 class ModelNotFound(NotFound):
@@ -148,6 +186,8 @@ class LabelConflict(Conflict):
 class PayloadTooLarge(ClientError):
     status = 413
     default_code = "payload_too_large"
+    # What grpc itself answers for a message over the size limit.
+    grpc_status = "RESOURCE_EXHAUSTED"
 
 
 class ValidationFailed(ClientError):
@@ -158,6 +198,7 @@ class ValidationFailed(ClientError):
 class RateLimited(ClientError):
     status = 429
     default_code = "rate_limited"
+    grpc_status = "RESOURCE_EXHAUSTED"
 
 
 class BackendError(SwitchyardError):
@@ -172,6 +213,7 @@ class BackendError(SwitchyardError):
 class ServiceUnavailable(SwitchyardError):
     status = 503
     default_code = "unavailable"
+    grpc_status = "UNAVAILABLE"
 
 
 class BackendUnavailable(ServiceUnavailable):
@@ -205,6 +247,7 @@ class Overloaded(ServiceUnavailable):
     """The gateway sheds the call (admission): no capacity, say so to the caller."""
 
     default_code = "overloaded"
+    grpc_status = "RESOURCE_EXHAUSTED"
 
 
 class BackendOverloaded(Overloaded):
@@ -238,6 +281,7 @@ class DeadlineExceeded(SwitchyardError):
     default_code = "deadline_exceeded"
     server_failure = True  # only when the attempt had the timeout floor (the pool checks)
     fallback_reason = "deadline"
+    grpc_status = "DEADLINE_EXCEEDED"
 
 
 class RegistryError(SwitchyardError):
@@ -245,3 +289,4 @@ class RegistryError(SwitchyardError):
 
     status = 409
     default_code = "registry_error"
+    grpc_status = "FAILED_PRECONDITION"

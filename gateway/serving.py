@@ -15,6 +15,7 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
+from gateway.api.grpc_server import grpc_serving
 from gateway.app import build_app
 from gateway.config import Settings
 from gateway.log import configure_logging
@@ -52,6 +53,9 @@ def serve_one(
 
     async def make_app() -> web.Application:
         app = build_app(settings)  # inside the loop: grpc.aio channels bind to it
+        # The OIP gRPC front door (server.grpc_port), last: it starts after, and stops
+        # before, everything it calls into.
+        app.cleanup_ctx.append(grpc_serving(settings, reuse_port=reuse_port))
         tune_gc()
         return app
 

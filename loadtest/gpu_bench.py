@@ -421,6 +421,7 @@ def _start_gateway(
         "SWITCHYARD__TRITON__GRPC_URL": first.grpc_url,
         "SWITCHYARD__TRITON__SERVERS": json.dumps(spec),
         "SWITCHYARD__SERVER__PORT": str(port),
+        "SWITCHYARD__SERVER__GRPC_PORT": str(free_port()),  # not the default, maybe taken
         "SWITCHYARD__SERVER__HOST": "127.0.0.1",
         "SWITCHYARD__LOG__LEVEL": "warning",
     }

@@ -1,23 +1,21 @@
 """The Open Inference Protocol (KServe v2) REST surface, so stock `tritonclient.http` and other
 OIP clients work through the gateway unchanged. JSON tensors and Triton's binary-tensor
 extension (`Inference-Header-Content-Length`) are both supported, in requests and responses.
+Infer requests are decoded by `v2_codec` (limits, hostile input) and answered by the core,
+`InferenceService.infer`, like every other protocol.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
 
-import numpy as np
-import orjson
 from aiohttp import web
 
 from gateway.api.keys import LOG_FIELDS, REQUEST_ID, SERVICE, SETTINGS
 from gateway.api.middleware import json_response
-from gateway.api.schemas import read_json
-from gateway.errors import ClientError, MalformedJSON, NotReady, SwitchyardError
-from gateway.tensors import Tensor, from_bytes, numpy_dtype, to_bytes
-from gateway.types import InferRequest, InferResponse
+from gateway.api.v2_codec import DecodeLimits, check_parameters, decode_rest, encode_rest
+from gateway.errors import InvalidDeadline, NotReady, PayloadTooLarge, SwitchyardError
 
 routes = web.RouteTableDef()
 
@@ -87,130 +85,49 @@ async def model_config(request: web.Request) -> web.Response:
 async def infer(request: web.Request) -> web.Response:
     service, settings = request.app[SERVICE], request.app[SETTINGS]
     model, version = _model_and_version(request)
-    header, binary = await _read_infer_body(request, settings.server.max_body_bytes)
-    inputs = _parse_inputs(header, binary)
-    wanted, binary_out = _parse_outputs(header)
-    client_id = str(header.get("id", ""))
-    request_id = client_id or request[REQUEST_ID]  # every logged prediction has an id
-    deadline_ms = request.headers.get(DEADLINE_HEADER)
-    context = {"deadline_ms": float(deadline_ms)} if deadline_ms else {}
-    parameters = dict(header.get("parameters") or {})
-    if ENTITY_HEADER in request.headers:
-        parameters.setdefault("entity_id", request.headers[ENTITY_HEADER])
-    request[LOG_FIELDS]["model"] = model
-    resp = await service.infer(
-        InferRequest(model, version, tuple(inputs), tuple(wanted), request_id, parameters),
-        service.deadline_for(context, service.routes.current.routes.get(model)),
+    deadline_ms = parse_deadline_ms(
+        request.headers.get(DEADLINE_HEADER), settings.routing.max_deadline_ms
     )
+    max_bytes = settings.server.max_body_bytes
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge(
+            f"body of {request.content_length} bytes exceeds the limit of {max_bytes}",
+            details={"limit": max_bytes},
+        )
+    body = await request.read()  # aiohttp enforces client_max_size while streaming
+    limits = DecodeLimits.for_body(max_bytes)
+    req, want = decode_rest(
+        model, version, body, request.headers.get(HEADER_LENGTH), limits, request[REQUEST_ID]
+    )
+    entity = request.headers.get(ENTITY_HEADER)
+    if entity is not None and "entity_id" not in req.parameters:  # the body's wins
+        check_parameters({"entity_id": entity}, limits, f"{ENTITY_HEADER} header: ")
+        req = dataclasses.replace(req, parameters={**req.parameters, "entity_id": entity})
+    request[LOG_FIELDS].update(model=model, version=version or "latest")
+    context = {"deadline_ms": deadline_ms} if deadline_ms is not None else {}
+    deadline = service.deadline_for(context, service.routes.current.routes.get(model))
+    resp = await service.infer(req, deadline)
     request[LOG_FIELDS].update(version=resp.version, fallback=resp.fallback_used)
-    if not client_id:  # like Triton, echo "id" only when the client sent one
-        resp = dataclasses.replace(resp, request_id="")
-    return _infer_response(resp, wanted, binary_out)
-
-
-async def _read_infer_body(
-    request: web.Request, max_bytes: int
-) -> tuple[dict[str, Any], memoryview]:
-    length = request.headers.get(HEADER_LENGTH)
-    if length is None:
-        header = await read_json(request, max_bytes)
-        binary = memoryview(b"")
-    else:
-        raw = await request.read()
-        try:
-            n = int(length)
-            header = orjson.loads(raw[:n])
-        except (ValueError, orjson.JSONDecodeError) as exc:
-            raise MalformedJSON(f"inference header is not valid JSON: {exc}") from None
-        binary = memoryview(raw)[n:]
-    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
-        raise ClientError("inference request needs an 'inputs' list", code="invalid_request")
-    return header, binary
-
-
-def _parse_inputs(header: dict[str, Any], binary: memoryview) -> list[Tensor]:
-    tensors, offset = [], 0
-    for spec in header["inputs"]:
-        try:
-            name, datatype, shape = spec["name"], spec["datatype"], [int(d) for d in spec["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise ClientError(
-                "each input needs name, datatype and shape", code="invalid_tensor"
-            ) from None
-        size = (spec.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            if offset + size > len(binary):
-                raise ClientError(
-                    f"input {name!r}: binary data is truncated", code="invalid_tensor"
-                )
-            tensors.append(from_bytes(name, datatype, shape, binary[offset : offset + size]))
-            offset += size
-        elif "data" in spec:
-            tensors.append(_json_tensor(name, datatype, shape, spec["data"]))
-        else:
-            raise ClientError(f"input {name!r} has no data", code="invalid_tensor")
-    if offset != len(binary):
-        raise ClientError("binary data does not match the inputs' sizes", code="invalid_tensor")
-    return tensors
-
-
-def _json_tensor(name: str, datatype: str, shape: list[int], data: Any) -> Tensor:
-    dtype = numpy_dtype(datatype)
-    try:
-        if datatype == "BYTES":
-            flat = np.asarray(data, dtype=np.object_).ravel()
-            arr = np.empty(flat.size, dtype=np.object_)
-            arr[:] = [x.encode() if isinstance(x, str) else bytes(x) for x in flat]
-        else:
-            arr = np.asarray(data, dtype=dtype).ravel()
-        return Tensor(name, datatype, arr.reshape(shape))
-    except (ValueError, TypeError) as exc:
-        raise ClientError(f"input {name!r}: {exc}", code="invalid_tensor") from None
-
-
-def _parse_outputs(header: dict[str, Any]) -> tuple[list[str], dict[str, bool]]:
-    default_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
-    names, binary = [], {}
-    for spec in header.get("outputs") or []:
-        params = spec.get("parameters") or {}
-        if "classification" in params:
-            raise ClientError("the classification extension is not supported", code="unsupported")
-        names.append(spec["name"])
-        binary[spec["name"]] = bool(params.get("binary_data", default_binary))
-    binary["*"] = default_binary
-    return names, binary
-
-
-def _infer_response(
-    resp: InferResponse, wanted: list[str], binary: dict[str, bool]
-) -> web.Response:
-    order = wanted or list(resp.outputs)
-    outputs, chunks = [], []
-    for name in order:
-        t = resp.outputs[name]
-        entry: dict[str, Any] = {"name": name, "datatype": t.datatype, "shape": t.shape}
-        if binary.get(name, binary["*"]):
-            raw = to_bytes(t)
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        elif t.datatype == "BYTES":
-            entry["data"] = [x.decode(errors="replace") for x in t.data.ravel()]
-        else:
-            entry["data"] = t.data.ravel().tolist()
-        outputs.append(entry)
-    body: dict[str, Any] = {
-        "model_name": resp.model,
-        "model_version": resp.version,
-        "outputs": outputs,
-    }
-    if resp.request_id:
-        body["id"] = resp.request_id
-    if resp.parameters:
-        body["parameters"] = dict(resp.parameters)
-    head = orjson.dumps(body)
-    if not chunks:
-        return web.Response(body=head, content_type="application/json")
+    payload, header_length = encode_rest(resp, want, req.outputs)
+    if header_length is None:
+        return web.Response(body=payload, content_type="application/json")
     return web.Response(
-        body=b"".join([head, *chunks]),
-        headers={HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"},
+        body=payload,
+        headers={HEADER_LENGTH: str(header_length), "Content-Type": "application/octet-stream"},
     )
+
+
+def parse_deadline_ms(raw: str | None, max_ms: int) -> float | None:
+    """The X-Deadline-Ms header: a finite number of milliseconds in (0, max_ms], or absent."""
+    if raw is None:
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = math.nan
+    if not math.isfinite(ms) or not 0 < ms <= max_ms:
+        raise InvalidDeadline(
+            f"{DEADLINE_HEADER} must be a number of milliseconds in (0, {max_ms}]",
+            details={"field": DEADLINE_HEADER},
+        )
+    return ms

@@ -24,6 +24,7 @@ class GatewayProcess:
     spool_dir: Path
     log_file: Path
     process: subprocess.Popen[bytes]
+    grpc_url: str = ""  # host:port of its OIP gRPC server
 
 
 def wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -48,7 +49,7 @@ def start_gateway(
     extra_env: dict[str, str] | None = None,
     args: tuple[str, ...] = (),
 ) -> GatewayProcess:
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     spool = workdir / "spool"
     log = workdir / "gateway.log"
     env = {
@@ -57,6 +58,7 @@ def start_gateway(
         "SWITCHYARD__PREDLOG__SPOOL_DIR": str(spool),
         "SWITCHYARD__SERVER__HOST": "127.0.0.1",
         "SWITCHYARD__SERVER__PORT": str(port),
+        "SWITCHYARD__SERVER__GRPC_PORT": str(grpc_port),
         # No Redis unless a test asks for it: the prediction log stays in the spool directory.
         "SWITCHYARD__REDIS__URL": '""',
         # These tests check answers on a shared 2-core machine, where a cold Python-backend
@@ -75,7 +77,9 @@ def start_gateway(
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    gw = GatewayProcess(f"http://127.0.0.1:{port}", port, spool, log, proc)
+    gw = GatewayProcess(
+        f"http://127.0.0.1:{port}", port, spool, log, proc, f"127.0.0.1:{grpc_port}"
+    )
     try:
         wait_http_ok(f"{gw.url}/healthz", 60, proc, log)
     except Exception:

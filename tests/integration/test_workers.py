@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import tritonclient.grpc as grpcclient
 
 from gateway.tritonserver import TritonServer
 from tests.integration.conftest import GatewayProcess, start_gateway, stop_gateway, wait_http_ok
@@ -61,11 +62,25 @@ def workers2(triton: TritonServer, repo_root: Path, tmp_path: Path) -> Iterator[
             stop_gateway(gw)
 
 
-def test_two_workers_share_the_port_and_metrics(workers2: GatewayProcess) -> None:
+def test_two_workers_share_the_ports_and_metrics(workers2: GatewayProcess) -> None:
     children = {p.pid for p in psutil.Process(workers2.process.pid).children()}
     assert len(children) >= 2, children  # spawn may add a resource tracker
     answered = _pids_answering(workers2.url, 2)
     assert len(answered) == 2 and answered <= children, (answered, children)
+    # The gRPC port too: each worker bound it (SO_REUSEPORT), as it did the REST one.
+    grpc_port = int(workers2.grpc_url.rsplit(":", 1)[1])
+    listening = {
+        pid
+        for pid in answered
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == grpc_port
+    }
+    assert listening == answered
+    client = grpcclient.InferenceServerClient(workers2.grpc_url)
+    try:
+        assert client.is_server_ready()
+    finally:
+        client.close()
 
     n = 40
     assert all(_predict(workers2.url) == 200 for _ in range(n))

@@ -88,6 +88,8 @@ def test_gateway_env_is_valid_settings_pointing_at_real_services(compose) -> Non
             assert host in svcs, f"{key} names unknown service {host}"
             assert port in container_ports(svcs[host]), f"{key}: {host} does not listen on {port}"
     assert settings.triton.grpc_url == "triton:8001"
+    published = container_ports(svcs["gateway"])
+    assert {settings.server.port, settings.server.grpc_port} <= published  # REST and gRPC
     for server in settings.triton.servers:
         host, port = server.grpc_url.split(":")
         assert host in svcs and int(port) in container_ports(svcs[host]), server
