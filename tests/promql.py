@@ -36,8 +36,8 @@ TRITON_GPU_METRICS = frozenset({
     "nv_gpu_utilization", "nv_gpu_memory_total_bytes", "nv_gpu_memory_used_bytes",
     "nv_gpu_power_usage", "nv_gpu_power_limit", "nv_energy_consumption",
 })  # fmt: skip
-#: Series Prometheus itself writes for every target.
-PROMETHEUS_METRICS = frozenset({"up"})
+#: Series Prometheus itself writes: per scrape target, and per active alert.
+PROMETHEUS_METRICS = frozenset({"up", "ALERTS"})
 
 _KEYWORDS = frozenset({
     "and", "or", "unless", "bool", "by", "without", "on", "ignoring", "group_left",

@@ -49,8 +49,9 @@ def test_alerts_cover_every_slo() -> None:
 
 
 def test_dashboard_panels_cover_the_required_views() -> None:
-    dash = json.loads((CONFIGS / "grafana/dashboards/switchyard.json").read_text())
-    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    dashes = [json.loads(f.read_text()) for f in (CONFIGS / "grafana/dashboards").glob("*.json")]
+    panels = [p for dash in dashes for p in dash["panels"]]
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
     for metric in ("inference_latency_seconds_bucket", "fallback_total", "breaker_state",
                    "batch_fill_ratio", "gpu_utilization", "gpu_memory_used_bytes",
                    "prediction_log_lag"):  # fmt: skip
@@ -58,7 +59,7 @@ def test_dashboard_panels_cover_the_required_views() -> None:
     assert "by (model, arm, le)" in exprs  # latency per arm
     ds = yaml.safe_load((CONFIGS / "grafana/provisioning/datasources/prometheus.yml").read_text())
     uid = ds["datasources"][0]["uid"]
-    assert all(p["datasource"]["uid"] == uid for p in dash["panels"])
+    assert all(p["datasource"]["uid"] == uid for p in panels)
 
 
 @pytest.fixture
