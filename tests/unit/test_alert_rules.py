@@ -7,6 +7,7 @@ the gateway's server-side error codes, and the latency rules use the routes' SLO
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -138,3 +139,30 @@ def test_metric_names_tokenizer() -> None:
         " and on (model) group_left c offset 5m > bool 0.1 or vector(0) unless d[1h:5m]"
     )
     assert metric_names(expr) == {"a_total", "b:c:rate5m", "c", "d"}
+
+
+def runbook_texts() -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((REPO_ROOT / "docs/runbooks").glob("*.md"))}
+
+
+def test_runbook_commands_are_real() -> None:
+    """Every `python -m gateway ...` a runbook tells an operator to run parses with the real
+    CLI, and every gateway URL it curls is a route of the app."""
+    from gateway.__main__ import build_parser
+    from gateway.api import admin, feedback, oip
+    from gateway.api import routes as v1
+
+    parser = build_parser()
+    paths = {r.path for table in (v1.routes, oip.routes, admin.routes, feedback.routes)
+             for r in table}  # fmt: skip
+    commands = 0
+    for name, text in runbook_texts().items():
+        for line in re.findall(r"python -m gateway ([^`\n#]+)", text):
+            try:
+                parser.parse_args(shlex.split(line.replace("<", "").replace(">", "")))
+            except SystemExit:
+                pytest.fail(f"{name}: `python -m gateway {line.strip()}` does not parse")
+            commands += 1
+        for path in re.findall(r"localhost:8080(/[\w/]*)", text):
+            assert path in paths, f"{name}: {path} is no gateway route"
+    assert commands >= 20
