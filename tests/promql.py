@@ -7,6 +7,7 @@ a query that promtool has accepted, so it can stay a small tokenizer.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -20,6 +21,9 @@ from gateway.metrics import Metrics
 from tests.conftest import REPO_ROOT, unavailable
 
 RULES = REPO_ROOT / "configs/prometheus/rules.yml"
+DASHBOARDS = REPO_ROOT / "configs/grafana/dashboards"
+#: Grafana's built-in variables, replaced by typical values before parsing.
+BUILTINS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
 
 #: Triton's own metric names (docs/user_guide/metrics.md of triton-inference-server/server).
 #: The CPU-side ones are checked against a running tritonserver in
@@ -107,6 +111,33 @@ def known_names() -> set[str]:
         | PROMETHEUS_METRICS
         | recorded_names()
     )
+
+
+def dashboards() -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        dash = json.loads(path.read_text())
+        out[dash["uid"]] = dash
+    return out
+
+
+def substitute(expr: str, dash: dict[str, Any]) -> str:
+    for var, value in BUILTINS.items():
+        expr = expr.replace(var, value)
+    for var in dash["templating"]["list"]:
+        value = ".*" if var["type"] == "query" else var["query"]  # textbox: its default
+        expr = re.sub(rf"\${var['name']}\b", value, expr)
+    assert "$" not in expr, expr
+    return expr
+
+
+def queries(dash: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, PromQL) for every panel target and every Prometheus annotation."""
+    out = [(f"panel {p['title']!r}", substitute(t["expr"], dash))
+           for p in dash["panels"] for t in p["targets"]]  # fmt: skip
+    out += [(f"annotation {a['name']!r}", substitute(a["expr"], dash))
+            for a in dash["annotations"]["list"] if "expr" in a]  # fmt: skip
+    return out
 
 
 class _OneGpu:

@@ -5,21 +5,16 @@ specs ask of it."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from tests.promql import known_names, metric_names, promtool
+from tests.promql import dashboards, known_names, metric_names, promtool, queries
 
-DASHBOARDS = REPO_ROOT / "configs/grafana/dashboards"
-#: Grafana's built-in variables, replaced by typical values before parsing.
-BUILTINS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
 #: Per dashboard uid: names its queries must use (the seed's list of views).
 REQUIRED = {
     "switchyard-executive": {
@@ -50,33 +45,6 @@ REQUIRED = {
         "prediction_log_lag",
     },
 }
-
-
-def dashboards() -> dict[str, dict[str, Any]]:
-    out = {}
-    for path in sorted(DASHBOARDS.glob("*.json")):
-        dash = json.loads(path.read_text())
-        out[dash["uid"]] = dash
-    return out
-
-
-def substitute(expr: str, dash: dict[str, Any]) -> str:
-    for var, value in BUILTINS.items():
-        expr = expr.replace(var, value)
-    for var in dash["templating"]["list"]:
-        value = ".*" if var["type"] == "query" else var["query"]  # textbox: its default
-        expr = re.sub(rf"\${var['name']}\b", value, expr)
-    assert "$" not in expr, expr
-    return expr
-
-
-def queries(dash: dict[str, Any]) -> list[tuple[str, str]]:
-    """(where, PromQL) for every panel target and every Prometheus annotation."""
-    out = [(f"panel {p['title']!r}", substitute(t["expr"], dash))
-           for p in dash["panels"] for t in p["targets"]]  # fmt: skip
-    out += [(f"annotation {a['name']!r}", substitute(a["expr"], dash))
-            for a in dash["annotations"]["list"] if "expr" in a]  # fmt: skip
-    return out
 
 
 def check_rules(path: Path, exprs: list[str]) -> subprocess.CompletedProcess[str]:
