@@ -166,3 +166,10 @@ def test_runbook_commands_are_real() -> None:
         for path in re.findall(r"localhost:8080(/[\w/]*)", text):
             assert path in paths, f"{name}: {path} is no gateway route"
     assert commands >= 20
+
+
+def test_observability_doc_lists_every_alert_with_its_severity() -> None:
+    doc = (REPO_ROOT / "docs/observability.md").read_text()
+    for name, rule in alerts().items():
+        row = f"| [{name}](runbooks/{name}.md) | {rule['labels']['severity']} |"
+        assert row in doc, f"docs/observability.md: no row {row}"
