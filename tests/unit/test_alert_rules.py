@@ -173,3 +173,11 @@ def test_observability_doc_lists_every_alert_with_its_severity() -> None:
     for name, rule in alerts().items():
         row = f"| [{name}](runbooks/{name}.md) | {rule['labels']['severity']} |"
         assert row in doc, f"docs/observability.md: no row {row}"
+
+
+def test_promtool_tests_evaluate_every_group_in_file_order() -> None:
+    """Alerts read recording rules of earlier groups; promtool's default order is unspecified,
+    which made long-interval tests flaky, so each test file fixes it."""
+    groups = [g["name"] for g in load_rules()["groups"]]
+    for path in PROMTOOL_TESTS:
+        assert yaml.safe_load(path.read_text())["group_eval_order"] == groups, path.name
