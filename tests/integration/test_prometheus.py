@@ -5,6 +5,7 @@ started here scrapes the session gateway and Triton, then answers a PromQL query
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import time
@@ -20,6 +21,7 @@ from gateway.tritonserver import TritonServer, free_port
 from tests.conftest import unavailable
 from tests.integration.conftest import GatewayProcess, wait_http_ok
 from tests.integration.test_predlog import predict
+from tests.promql import dashboards, queries
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -49,8 +51,9 @@ def test_alerts_cover_every_slo() -> None:
 
 
 def test_dashboard_panels_cover_the_required_views() -> None:
-    dash = json.loads((CONFIGS / "grafana/dashboards/switchyard.json").read_text())
-    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    dashes = [json.loads(f.read_text()) for f in (CONFIGS / "grafana/dashboards").glob("*.json")]
+    panels = [p for dash in dashes for p in dash["panels"]]
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
     for metric in ("inference_latency_seconds_bucket", "fallback_total", "breaker_state",
                    "batch_fill_ratio", "gpu_utilization", "gpu_memory_used_bytes",
                    "prediction_log_lag"):  # fmt: skip
@@ -58,7 +61,7 @@ def test_dashboard_panels_cover_the_required_views() -> None:
     assert "by (model, arm, le)" in exprs  # latency per arm
     ds = yaml.safe_load((CONFIGS / "grafana/provisioning/datasources/prometheus.yml").read_text())
     uid = ds["datasources"][0]["uid"]
-    assert all(p["datasource"]["uid"] == uid for p in dash["panels"])
+    assert all(p["datasource"]["uid"] == uid for p in panels)
 
 
 @pytest.fixture
@@ -122,3 +125,29 @@ def test_prometheus_scrapes_gateway_latency_and_triton(
     buckets = query(prometheus, 'sum by (le) (inference_latency_seconds_bucket{model="risk"})')
     assert any(b["metric"]["le"] == "+Inf" for b in buckets)
     assert query(prometheus, "nv_inference_count")  # Triton's own counters, scraped too
+
+
+def test_recording_rules_and_dashboard_queries_run_on_real_series(
+    prometheus: str, gateway: GatewayProcess
+) -> None:
+    """rules.yml's SLO ratios come out of the gateway's real series (names and labels line up),
+    and every dashboard query runs on a real Prometheus, not only parses."""
+    ratios = ('model:inference_error_ratio:rate5m{model="risk"}',
+              'model:inference_slow_ratio:rate5m{model="risk"}',
+              'model:inference_latency_seconds:p99_5m{model="risk"}')  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:  # keep requests coming: rates need an increase between two scrapes
+        predict(gateway, f"prom-rules-{time.time_ns()}")
+        got = {q: query(prometheus, q) for q in ratios}
+        p99 = float(got[ratios[2]][0]["value"][1]) if got[ratios[2]] else math.nan
+        if (all(got.values()) and not math.isnan(p99)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for q, result in got.items():
+        assert result, f"{q} was never recorded"
+    for q in ratios[:2]:
+        assert 0.0 <= float(got[q][0]["value"][1]) <= 1.0
+    assert 0.0 < p99 < 5.0
+    for dash in dashboards().values():
+        for _, expr in queries(dash):
+            query(prometheus, expr)  # asserts status "success"
