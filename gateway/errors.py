@@ -20,7 +20,8 @@ headers an error needs (`Retry-After`, `WWW-Authenticate`, `X-RateLimit-*`) come
     │   │   ├── VersionNotFound          404 version_not_found
     │   │   └── UnknownRequestId         404 unknown_request_id (feedback for no answer)
     │   ├── Conflict                     409 conflict
-    │   │   └── LabelConflict            409 label_conflict
+    │   │   ├── LabelConflict            409 label_conflict
+    │   │   └── RegistryError            409 registry_error (model registry CLI: publish ...)
     │   ├── PayloadTooLarge              413 payload_too_large
     │   ├── ValidationFailed             422 invalid_features (code varies per field error)
     │   └── RateLimited                  429 rate_limited (+ Retry-After, X-RateLimit-*)
@@ -35,8 +36,7 @@ headers an error needs (`Retry-After`, `WWW-Authenticate`, `X-RateLimit-*`) come
     │   ├── FeatureStoreUnavailable      503 feature_store_unavailable
     │   ├── FeedbackUnavailable          503 feedback_store_unavailable
     │   └── StreamUnavailable            503 log_store_unavailable (internal: triggers spooling)
-    ├── DeadlineExceeded                 504 deadline_exceeded  [ladder: deadline; server*]
-    └── RegistryError                    409 registry_error (model registry CLI: publish ...)
+    └── DeadlineExceeded                 504 deadline_exceeded  [ladder: deadline; server*]
 
 Traits, as class attributes, read by the layers instead of matching messages:
 - ``retryable``: the pool may try again, on another server when it has one [retry];
@@ -284,7 +284,7 @@ class DeadlineExceeded(SwitchyardError):
     grpc_status = "DEADLINE_EXCEEDED"
 
 
-class RegistryError(SwitchyardError):
+class RegistryError(Conflict):
     """A model-registry operation refused: bad artifact, version exists, tampered file."""
 
     status = 409

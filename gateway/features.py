@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from gateway.clock import Clock, monotonic
 from gateway.errors import ClientError, DeadlineExceeded, FeatureStoreUnavailable, ValidationFailed
 from gateway.metrics import Metrics
-from gateway.resilience.deadline import Deadline
+from gateway.types import Deadline
 
 Features = dict[str, float]
 

@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     tag = f"rollout-demo-{uuid.uuid4().hex[:8]}"
     prefix, label_prefix = f"{tag}:predictions", f"{tag}:label"
-    from gateway.__main__ import main as gateway_main
+    from gateway.cli import main as gateway_main
 
     with tempfile.TemporaryDirectory() as tmp:
         records = Path(tmp) / f"{MODEL}.jsonl"

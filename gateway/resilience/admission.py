@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 from gateway.errors import Overloaded
-from gateway.resilience.deadline import Deadline
+from gateway.types import Deadline
 
 
 @dataclass(frozen=True)

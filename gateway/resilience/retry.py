@@ -22,7 +22,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from gateway.clock import Clock, monotonic
 from gateway.errors import SwitchyardError
-from gateway.resilience.deadline import Deadline
+from gateway.types import Deadline
 
 T = TypeVar("T")
 

@@ -28,7 +28,7 @@ import structlog
 
 from gateway.predlog.feedback import LabelStore
 from gateway.rollout.analysis import CanaryStats, PromotionPolicy, Verdict, decide, gather_stats
-from gateway.routing.cli import set_weight
+from gateway.routing.edit import set_weight
 from gateway.routing.split import BUCKETS, Arm
 from gateway.routing.table import Route, RouteError, parse_route
 

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.__main__ import main
 from gateway.backends.triton import TritonBackend
 from gateway.catalog import ModelCatalog
+from gateway.cli import main
 from gateway.metrics import Metrics
 from gateway.registry.publish import publish
 from gateway.registry.report import ValidationGate, refusal, write_report
 from gateway.registry.validate import Thresholds, validate
-from gateway.routing.cli import set_weight
+from gateway.routing.edit import set_weight
 from gateway.routing.readiness import VersionGate
 from gateway.routing.reload import RouteReloader
 from gateway.routing.table import RouteError, RouteTableRef, Target, load_route_table, parse_route

@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from matplotlib.image import imread
 
-from gateway.__main__ import main
+from gateway.cli import main
 from gateway.predlog.feedback import LabelStore
 from gateway.predlog.redis_stream import StreamWriter
 from gateway.rollout.report import COMBINED_SIZE, DPI, PANEL_SIZE, PANELS

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from gateway.backends.fake import FakeBackend, FakeModel
 from gateway.config import Settings, load_settings
 from gateway.tensors import Tensor
+from tests.unit.fake_backend import FakeBackend, FakeModel
 
 FEATURES = ["a", "b", "c"]
 

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.errors import Overloaded
 from gateway.resilience.admission import Admission, AdmissionLimits
-from gateway.resilience.deadline import Deadline
+from gateway.types import Deadline
 
 
 async def hold(adm: Admission, backend: str, release: asyncio.Event, entered: list[str]) -> None:

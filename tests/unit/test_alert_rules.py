@@ -148,9 +148,9 @@ def runbook_texts() -> dict[str, str]:
 def test_runbook_commands_are_real() -> None:
     """Every `python -m gateway ...` a runbook tells an operator to run parses with the real
     CLI, and every gateway URL it curls is a route of the app."""
-    from gateway.__main__ import build_parser
     from gateway.api import admin, feedback, oip
     from gateway.api import routes as v1
+    from gateway.cli import build_parser
 
     parser = build_parser()
     paths = {r.path for table in (v1.routes, oip.routes, admin.routes, feedback.routes)

@@ -11,8 +11,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.app import build_app
-from gateway.backends.fake import FakeBackend
 from gateway.errors import BackendUnavailable
+from tests.unit.fake_backend import FakeBackend
 from tests.unit.fakes import toy_backend, write_repo
 
 

@@ -16,13 +16,13 @@ import pytest
 
 from gateway.app import SERVICE, build_app
 from gateway.backends.base import InferRequest, InferResponse
-from gateway.backends.fake import FakeBackend
 from gateway.batching import BatchingPolicy, Coalescer
 from gateway.catalog import ModelSchema
 from gateway.clock import FakeClock
 from gateway.errors import BackendError, DeadlineExceeded
-from gateway.resilience.deadline import Deadline
 from gateway.tensors import Tensor
+from gateway.types import Deadline
+from tests.unit.fake_backend import FakeBackend
 from tests.unit.fakes import toy_backend, write_repo
 
 SCHEMA = ModelSchema("toy", "2", "features", "FP32", ("a", "b", "c"), ("score",))

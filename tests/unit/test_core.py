@@ -20,12 +20,12 @@ from aiohttp.test_utils import TestClient
 
 from gateway.api.keys import METRICS, SERVICE
 from gateway.app import build_app
-from gateway.backends.fake import FakeBackend
 from gateway.backends.pool import BackendPool, PoolMember
 from gateway.errors import BackendOverloaded, ClientError
 from gateway.resilience.breaker import BreakerPolicy, BreakerState
 from gateway.resilience.retry import RetryPolicy
 from gateway.types import Target
+from tests.unit.fake_backend import FakeBackend
 from tests.unit.fakes import ListSink, small_fn, toy_backend, write_repo, write_small_model
 
 SPLIT = (
@@ -42,7 +42,7 @@ def primary() -> FakeBackend:
 
 @pytest.fixture
 def small() -> FakeBackend:
-    from gateway.backends.fake import FakeModel
+    from tests.unit.fake_backend import FakeModel
 
     return FakeBackend([FakeModel("toy_small", small_fn)], name="small")
 

@@ -12,13 +12,13 @@ from aiohttp.test_utils import TestClient
 
 from gateway.api.keys import METRICS, SERVICE
 from gateway.app import build_app
-from gateway.backends.fake import FakeBackend, FakeModel
 from gateway.backends.pool import BackendPool, PoolMember
 from gateway.clock import FakeClock
 from gateway.errors import BackendUnavailable, Overloaded
 from gateway.resilience.breaker import BreakerPolicy
 from gateway.resilience.fallback import LatencyTrigger, LatencyTriggerPolicy
 from gateway.resilience.retry import RetryPolicy
+from tests.unit.fake_backend import FakeBackend, FakeModel
 from tests.unit.fakes import ListSink, small_fn, toy_backend, write_repo, write_small_model
 
 ROUTE = (

@@ -11,7 +11,7 @@ from gateway.clock import FakeClock
 from gateway.errors import ClientError, ServiceUnavailable, ValidationFailed
 from gateway.features import FeatureStore
 from gateway.metrics import Metrics
-from gateway.resilience.deadline import Deadline
+from gateway.types import Deadline
 
 
 class HashClient:

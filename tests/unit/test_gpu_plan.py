@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.__main__ import main
+from gateway.cli import main
 from gateway.config import load_settings
 from gateway.placement import deploy, render
 from gateway.placement.plan import (

@@ -22,10 +22,10 @@ from gateway.api.keys import SERVICE, SETTINGS
 from gateway.api.v2_proto import encode_proto
 from gateway.app import build_app
 from gateway.backends.base import InferResponse
-from gateway.backends.fake import FakeBackend
 from gateway.errors import BackendUnavailable, Overloaded
 from gateway.tensors import Tensor
 from gateway.tritonserver import free_port
+from tests.unit.fake_backend import FakeBackend
 from tests.unit.fakes import toy_backend, toy_fn, write_repo
 
 X = np.array([[0.5, 0.0, -1.0], [1.0, 2.0, 3.0]], np.float32)

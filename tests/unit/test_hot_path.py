@@ -13,8 +13,8 @@ from gateway.catalog import ModelSchema
 from gateway.clock import FakeClock
 from gateway.errors import BackendUnavailable, ValidationFailed
 from gateway.resilience.admission import Admission, AdmissionLimits
-from gateway.resilience.deadline import Deadline
 from gateway.resilience.retry import Retrier, RetryBudget, RetryPolicy
+from gateway.types import Deadline
 
 SCHEMA = ModelSchema("m", "1", "x", "FP32", ("a", "b", "c"), ("score",))
 F32_MAX = float(np.finfo(np.float32).max)

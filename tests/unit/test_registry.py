@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.__main__ import main
+from gateway.cli import main
 from gateway.errors import RegistryError
 from gateway.registry import publish as publish_mod
 from gateway.registry.digest import sha256_file, version_digest

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from gateway.backends.base import InferRequest
-from gateway.backends.fake import FakeBackend
 from gateway.backends.pool import BackendPool, NoReadyServer, PoolMember
 from gateway.clock import FakeClock
 from gateway.errors import BackendUnavailable, ClientError, DeadlineExceeded
 from gateway.resilience.breaker import BreakerPolicy, BreakerState, CircuitOpen
-from gateway.resilience.deadline import Deadline
 from gateway.resilience.retry import Retrier, RetryBudget, RetryPolicy
 from gateway.tensors import Tensor
+from gateway.types import Deadline
+from tests.unit.fake_backend import FakeBackend
 from tests.unit.fakes import toy_backend
 
 NO_WAIT = RetryPolicy(max_attempts=3, backoff_base_s=0.0, backoff_max_s=0.0)
@@ -117,8 +117,8 @@ async def test_budget_floor_lets_a_quiet_service_retry() -> None:
 
 
 def test_pool_budget_takes_the_policy_floor() -> None:
-    from gateway.backends.fake import FakeBackend
     from gateway.backends.pool import BackendPool, PoolMember
+    from tests.unit.fake_backend import FakeBackend
 
     policy = RetryPolicy(budget_window_s=10, budget_min_retries_per_s=2)
     pool = BackendPool([PoolMember("a", FakeBackend([]))], retry_policy=policy)

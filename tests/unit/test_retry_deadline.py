@@ -9,11 +9,10 @@ import pytest
 
 from gateway.clock import FakeClock
 from gateway.errors import DeadlineExceeded
-from gateway.resilience.deadline import Deadline
 from gateway.resilience.fallback import FallbackLadder, FallbackPolicy
 from gateway.routing.table import Fallback, Route, Slo, Target
 from gateway.service import InferenceService
-from gateway.types import InferRequest
+from gateway.types import Deadline, InferRequest
 
 
 def route(

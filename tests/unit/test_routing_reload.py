@@ -19,10 +19,10 @@ from gateway.api.admin import RELOADER
 from gateway.api.keys import SERVICE
 from gateway.app import build_app
 from gateway.backends.base import InferRequest, InferResponse
-from gateway.backends.fake import FakeBackend
 from gateway.config import Settings
 from gateway.errors import BackendError
-from gateway.routing.cli import set_weight
+from gateway.routing.edit import set_weight
+from tests.unit.fake_backend import FakeBackend
 from tests.unit.fakes import FEATURES, toy_backend, write_repo
 
 PROBE = {

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.__main__ import main
 from gateway.catalog import ModelCatalog
+from gateway.cli import main
 from gateway.routing.table import RouteError, load_route_table, parse_route
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.__main__ import main
+from gateway.cli import main
 from gateway.errors import Forbidden, Unauthorized
 from gateway.security.authn import (
     ANONYMOUS,

@@ -147,7 +147,7 @@ async def test_rotation_and_revocation_take_effect_without_restart(
     await poll_status(client, new, 200, within_s=1.0)
     assert (await call(client, "/v1/predict", key=old))[0] == 200
 
-    from gateway.__main__ import main
+    from gateway.cli import main
 
     assert main(["keys", "revoke", "old", "--keys-file", str(keys_file)]) == 0
     await poll_status(client, old, 401, within_s=1.0)

@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestClient
 from gateway.api.v2_codec import RestOutputs, encode_rest
 from gateway.app import build_app
 from gateway.backends.base import InferResponse
-from gateway.backends.fake import FakeBackend
 from gateway.tensors import Tensor
+from tests.unit.fake_backend import FakeBackend
 from tests.unit.fakes import toy_backend, write_repo
 
 URL = "/v2/models/toy/infer"

@@ -11,7 +11,7 @@ from gateway.catalog import ModelCatalog
 from gateway.config import RoutingSettings
 from gateway.registry.publish import publish
 from gateway.registry.report import ValidationGate, report_status, write_report
-from gateway.routing.cli import set_weight
+from gateway.routing.edit import set_weight
 from gateway.routing.readiness import VersionGate
 from gateway.routing.table import RouteError, Target, load_route_table
 from tests.registry_artifacts import model_repo, risk_artifact

@@ -42,7 +42,7 @@ def add_models_parser(sub: Any) -> None:
     _common(ret)
     ret.set_defaults(handler=cmd_retire)
 
-    from gateway.registry.validate_cli import add_validate_parser
+    from gateway.cli.models_validate import add_validate_parser
 
     add_validate_parser(msub, _common)  # validate: the checks need Triton, so their own module
 

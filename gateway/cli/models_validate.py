@@ -43,9 +43,9 @@ def find_route(routes_dir: Path, model: str, name: str | None) -> Any:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from gateway.backends.triton import TritonBackend
+    from gateway.cli.models import paths
     from gateway.config import load_settings
     from gateway.errors import RegistryError
-    from gateway.registry.cli import paths
     from gateway.registry.report import write_report
     from gateway.registry.validate import NOT_RUN, Thresholds, validate
     from gateway.routing.table import RouteError
