@@ -111,6 +111,9 @@ class InferRequest:
     batchable: bool = False
     #: The route's policy (None: a model without a route, straight through).
     policy: CallPolicy | None = None
+    #: Input digests, computed once by the Service: one per row when rows are independent,
+    #: else one; the ladder's cache keys and the prediction log's input_hash.
+    cache_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -327,7 +327,9 @@ def benchmark(args: argparse.Namespace, eps: dict[str, Endpoint], pids: dict[str
             rows.append(Row(name, f"closed c={args.concurrency}", None, s, cpu))
             _progress(rows[-1])
         rates = []
-        if args.rate:
+        if args.closed_only:
+            pass
+        elif args.rate:
             rates.append(("given", args.rate))
         else:
             if args.reference in sat:
@@ -421,7 +423,7 @@ def _num(v: float | None) -> str:
 
 
 # -- CPU pinning ---------------------------------------------------------------------------
-SIDES = ("gateway", "triton", "client")
+SIDES = ("gateway", "baseline", "triton", "client")
 
 
 def parse_pin(spec: str) -> dict[str, set[int]]:
@@ -582,6 +584,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--procs", type=int, default=1, help="load generator processes")
     p.add_argument("--rate", type=float, help="open-loop rate; default: fractions of saturation")
     p.add_argument("--rate-fraction", type=float, default=0.5)
+    p.add_argument("--closed-only", action="store_true", help="saturation phases only")
     p.add_argument("--reference", default="triton-http", help="direct target whose saturation "
                    "sets the open-loop rate")  # fmt: skip
     p.add_argument("--seed", type=int, default=1)

@@ -42,7 +42,8 @@ class PredictionCache:
         self.max_pending_writes = max_pending_writes
         # Least recently used first out, each entry with its own TTL (cachetools: the
         # (ttl, answer) value's ttl sets its expiry at insertion, on the injected clock).
-        self._lru: TLRUCache[str, tuple[float, CachedAnswer]] = TLRUCache(
+        # Entries: (ttl, answer, expires_at).
+        self._lru: TLRUCache[str, tuple[float, CachedAnswer, float]] = TLRUCache(
             maxsize=max_entries, ttu=lambda _key, entry, now: now + entry[0], timer=clock
         )
         self._pending: dict[str, tuple[float, CachedAnswer]] = {}
@@ -82,9 +83,16 @@ class PredictionCache:
         """Store in the LRU now; queue for Redis (written by `flush`)."""
         if ttl_s <= 0:
             return
+        now = self.clock()
+        hit = self._lru.get(key)
+        if hit is not None and hit[2] - now > ttl_s / 2 and hit[1] == value:
+            # The same answer, still fresh for over half its TTL (a deterministic model's
+            # hot input): neither the LRU nor Redis needs it again. Saves a Redis SET per
+            # repeated answer; the entry is refreshed once its TTL is half spent.
+            return
         value = dict(value)
-        self._lru[key] = (ttl_s, value)
-        entry = (self.clock() + ttl_s, value)
+        self._lru[key] = (ttl_s, value, now + ttl_s)
+        entry = (now + ttl_s, value)
         if self._redis is not None and len(self._pending) < self.max_pending_writes:
             self._pending[key] = entry
 

@@ -25,7 +25,8 @@ from gateway.types import CallPolicy, Target
 
 __all__ = ["Route", "RouteError", "RouteTable", "RouteTableRef", "Target", "load_route_table"]
 
-_KEYS = {"model", "champion", "challengers", "segments", "shadow", "fallback", "slo", "cache"}
+_KEYS = {"model", "champion", "challengers", "segments", "shadow", "fallback", "slo", "cache",
+         "priority"}  # fmt: skip
 _TARGET_KEYS = {"target", "version"}
 
 
@@ -84,6 +85,9 @@ class Route:
     shadows: tuple[Shadow, ...] = ()
     #: Response cache (deterministic models only): a hit answers without the primary.
     response_cache_ttl_s: float = 0.0
+    #: Triton priority level of this route's requests unless a request names its own
+    #: (parameters.priority / context.priority); used where the model has priority levels.
+    priority: int | None = None
 
     @property
     def policy(self) -> CallPolicy:
@@ -260,6 +264,7 @@ def parse_route(content: bytes, source: str, sticky_secret: str = "") -> Route:
         segments=tuple(_segment(doc, s, i) for i, s in enumerate(_list(doc, data, "segments"))),
         shadows=tuple(_shadow(doc, s, i) for i, s in enumerate(_list(doc, data, "shadow"))),
         response_cache_ttl_s=_cache(doc, data.get("cache")),
+        priority=int(_number(doc, data, "priority", (), 1, 1e6)) if "priority" in data else None,
     )
 
 
