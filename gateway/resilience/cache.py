@@ -78,6 +78,17 @@ class PredictionCache:
         value = orjson.loads(raw)
         return value if isinstance(value, dict) else None
 
+    def fresh(self, key: str, model: str, version: str, ttl_s: float) -> bool:
+        """Whether this model version's answer for ``key`` is held with over half of a
+        ``ttl_s`` still to run (then storing it again would only cost a Redis write)."""
+        hit = self._lru.get(key)
+        return (
+            hit is not None
+            and hit[2] - self.clock() > ttl_s / 2
+            and hit[1].get("version") == version
+            and hit[1].get("model") == model
+        )
+
     # -- writes ----------------------------------------------------------------------------
     def put(self, key: str, value: Mapping[str, Any], ttl_s: float) -> None:
         """Store in the LRU now; queue for Redis (written by `flush`)."""

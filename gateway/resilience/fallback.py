@@ -273,6 +273,8 @@ class FallbackLadder:
     ) -> None:
         per_row = len(keys) > 1 or request.batchable
         for i, key in enumerate(keys):
+            if self.cache.fresh(key, resp.model, resp.version, ttl):
+                continue  # this version's answer to this input is cached and fresh
             outputs = {
                 name: [t.datatype, *_unit(t.data[i] if per_row else t.data)]
                 for name, t in resp.outputs.items()

@@ -35,3 +35,14 @@ async def test_a_fresh_repeated_answer_is_not_queued_for_redis_again() -> None:
     cache.put("k", {**ANSWER, "version": "3"}, 60.0)
     assert len(cache._pending) == 1
     await cache.close()
+
+
+def test_fresh_names_the_version_that_answered() -> None:
+    clock = FakeClock()
+    cache = PredictionCache(max_entries=10, clock=clock)
+    cache.put("k", {"model": "risk", **ANSWER}, 60.0)
+    assert cache.fresh("k", "risk", "2", 60.0)
+    assert not cache.fresh("k", "risk", "3", 60.0)  # another version: store its answer
+    assert not cache.fresh("other", "risk", "2", 60.0)
+    clock.advance(31.0)
+    assert not cache.fresh("k", "risk", "2", 60.0)  # half spent: refresh it
