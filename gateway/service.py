@@ -412,13 +412,6 @@ class InferenceService:
         children[1].inc()
 
     # -- tensors (/v2 REST and gRPC) -------------------------------------------------------
-    def resolve_version(self, model: str, version: str) -> str:
-        """The version an unversioned call would get without an entity: the champion's."""
-        if version:
-            return version
-        route = self.routes.current.routes.get(model)
-        return route.champion.version if route is not None else ""
-
     async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
         """An OIP tensor request through the same core as /v1: an unversioned call to a
         routed model takes the route (split sticky on parameters.entity_id, segment from
