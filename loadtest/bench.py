@@ -557,10 +557,13 @@ def started_stack(
             "SWITCHYARD__LOG__LEVEL": log_level,
         }
         grpc_port = free_port()
-        url, pid = _gateway_process(
-            stack, REPO_ROOT, {**env, "SWITCHYARD__SERVER__GRPC_PORT": str(grpc_port)},
-            workers, workdir / "gateway.log",
-        )  # fmt: skip
+        # The baseline's 1 s default deadline and a latency trigger out of reach, so that a
+        # loaded machine measures the path's cost and not the fallback ladder's (risk's own
+        # SLO would send requests past 200 ms, or a p99 over 100 ms, to the distilled model).
+        mine = {**env, "SWITCHYARD__SERVER__GRPC_PORT": str(grpc_port),
+                "SWITCHYARD__ROUTING__SLO_DEADLINE_FACTOR": "10",
+                "SWITCHYARD__RESILIENCE__FALLBACK__LATENCY__SLO_MULTIPLIER": "10"}  # fmt: skip
+        url, pid = _gateway_process(stack, REPO_ROOT, mine, workers, workdir / "gateway.log")
         where: dict[str, Any] = {
             "gateway": url,
             "gateway_grpc": f"127.0.0.1:{grpc_port}",
