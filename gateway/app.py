@@ -24,6 +24,7 @@ from gateway.clock import Clock, monotonic
 from gateway.config import Settings
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.observability import build_observability
+from gateway.redis_conn import redis_options
 from gateway.registry.report import ValidationGate
 from gateway.resilience.cache import PredictionCache
 from gateway.resilience.fallback import FallbackLadder
@@ -35,6 +36,7 @@ from gateway.security.rest import GUARD
 from gateway.security.secrets import sticky_secret
 from gateway.security.wiring import build_security
 from gateway.service import InferenceService
+from gateway.tls import triton_channel_credentials
 from gateway.types import InferRequest
 
 log = structlog.get_logger(__name__)
@@ -67,6 +69,7 @@ def build_app(
     cache = PredictionCache(
         max_entries=res.cache_max_entries,
         redis_url=settings.redis.url,
+        redis_options=redis_options(settings.redis),
         redis_timeout_s=res.cache_redis_timeout_s,
         clock=clock,
     )
@@ -153,8 +156,13 @@ def build_app(
 def build_pool(settings: Settings, metrics: Metrics, clock: Clock = monotonic) -> BackendPool:
     """The configured Triton servers as one Backend with breakers, retries and admission."""
     res = settings.resilience
+    tls = triton_channel_credentials(settings.triton)
     members = [
-        PoolMember(spec.name, TritonBackend(spec.grpc_url, name=spec.name), frozenset(spec.models))
+        PoolMember(
+            spec.name,
+            TritonBackend(spec.grpc_url, spec.name, tls, settings.triton.tls_server_name),
+            frozenset(spec.models),
+        )
         for spec in settings.triton.server_specs()
     ]
     return BackendPool(

@@ -41,6 +41,11 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     max_batch_items: int = 256
     shutdown_timeout_s: float = 10.0
+    #: TLS on REST and gRPC alike (gateway/tls.py): both set, or neither (plaintext).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: mTLS: clients must present a certificate signed by this CA.
+    tls_client_ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,12 @@ class TritonSettings:
     fallback_models: tuple[str, ...] = ("risk_distilled",)
     health_interval_s: float = 0.5
     health_timeout_s: float = 0.5
+    #: TLS to every Triton gRPC server: the CA that signed their certificates (set: TLS on);
+    #: a client certificate and key for mTLS; the name to check when it is not the host's.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_server_name: str = ""
 
     def server_specs(self) -> tuple[ServerSpec, ...]:
         return self.servers or (ServerSpec("triton", self.grpc_url),)
@@ -116,9 +127,23 @@ class RoutingSettings:
 class RedisSettings:
     #: Empty: no Redis; the prediction log stays in the on-disk spool, and features/feedback
     #: answer 503.
+    #: redis:// or rediss:// (TLS). Never a password here: it comes from the environment
+    #: (SWITCHYARD_REDIS_PASSWORD) or password_file (gateway/redis_conn.py).
     url: str = ""
     connect_timeout_s: float = 0.5
     socket_timeout_s: float = 1.0
+    password_file: Path | None = None
+    #: rediss:// with a private CA: its certificate (default: the system's trust store).
+    tls_ca_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        from urllib.parse import urlsplit
+
+        if self.url and urlsplit(self.url).password is not None:
+            raise ConfigError(
+                "redis.url carries a password; settings files are not secret: put it in "
+                "SWITCHYARD_REDIS_PASSWORD or a file named by redis.password_file"
+            )
 
 
 @dataclass(frozen=True)
@@ -220,6 +245,18 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """Who changed a route, a weight or a key (gateway/audit.py): a Redis stream and the
+    log; without Redis (or while it is down) a local JSONL file instead of the stream."""
+
+    enabled: bool = True
+    stream: str = "audit"
+    #: Approximate entries kept in the stream (XADD MAXLEN ~).
+    maxlen: int = 100_000
+    local_file: Path = Path("var/audit/audit.jsonl")
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
     json: bool = True
@@ -240,6 +277,7 @@ class Settings:
     #: Coalescing of concurrent single-row calls per target (gateway/batching.py).
     batching: BatchingPolicy = field(default_factory=BatchingPolicy)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def resolve_paths(self, base: Path) -> Settings:
