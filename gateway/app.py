@@ -15,6 +15,8 @@ from gateway.api import admin, feedback, oip, ui
 from gateway.api import routes as v1
 from gateway.api.keys import METRICS, SERVICE, SETTINGS
 from gateway.api.middleware import request_context
+from gateway.api.status import AUDIT
+from gateway.audit import AuditFeed
 from gateway.backends.base import Backend
 from gateway.backends.pool import BackendPool, PoolMember
 from gateway.backends.triton import TritonBackend
@@ -113,6 +115,9 @@ def build_app(
     if obs.labels is not None:
         app[feedback.LABELS] = obs.labels
     app[admin.RELOADER] = reloader
+    if settings.audit.enabled:  # the status page's audit section (gateway/audit.py)
+        app[AUDIT] = audit_feed = AuditFeed(settings)
+        app.cleanup_ctx.append(audit_feed.ctx)
     if isinstance(backend, BackendPool):
         app[admin.POOL] = backend
 
