@@ -48,7 +48,8 @@ def rest_ssl_context(s: ServerSettings) -> ssl.SSLContext | None:
             ctx.load_verify_locations(cafile=s.tls_client_ca_file)
             ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"server TLS: {exc}") from exc
+        files = ", ".join(str(p) for p in (*pair, s.tls_client_ca_file) if p is not None)
+        raise ConfigError(f"server TLS ({files}): {exc}") from exc
     return ctx
 
 
