@@ -127,23 +127,15 @@ class RoutingSettings:
 class RedisSettings:
     #: Empty: no Redis; the prediction log stays in the on-disk spool, and features/feedback
     #: answer 503.
-    #: redis:// or rediss:// (TLS). Never a password here: it comes from the environment
-    #: (SWITCHYARD_REDIS_PASSWORD) or password_file (gateway/redis_conn.py).
+    #: redis:// or rediss:// (TLS). A password in the settings file's url is refused: it comes
+    #: from the environment (SWITCHYARD_REDIS_PASSWORD, or this url set by env) or
+    #: password_file (gateway/redis_conn.py).
     url: str = ""
     connect_timeout_s: float = 0.5
     socket_timeout_s: float = 1.0
     password_file: Path | None = None
     #: rediss:// with a private CA: its certificate (default: the system's trust store).
     tls_ca_file: Path | None = None
-
-    def __post_init__(self) -> None:
-        from urllib.parse import urlsplit
-
-        if self.url and urlsplit(self.url).password is not None:
-            raise ConfigError(
-                "redis.url carries a password; settings files are not secret: put it in "
-                "SWITCHYARD_REDIS_PASSWORD or a file named by redis.password_file"
-            )
 
 
 @dataclass(frozen=True)
@@ -305,6 +297,7 @@ def load_settings(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded
+        _refuse_file_secrets(data, path)
     for key, value in (os.environ if env is None else env).items():
         if key.startswith(ENV_PREFIX):
             # SECTION__KEY, or deeper (RESILIENCE__FALLBACK__LATENCY__P99_MS): one leaf
@@ -325,6 +318,23 @@ def load_settings(
         data.setdefault(section, {})[name] = value
     settings = _build(Settings, data, "settings")
     return settings.resolve_paths(base_dir or Path.cwd())
+
+
+def _refuse_file_secrets(data: Mapping[str, Any], path: str | Path) -> None:
+    """Settings files are committed, copied and logged: a Redis password has no place there."""
+    from urllib.parse import urlsplit
+
+    redis = data.get("redis")
+    url = redis.get("url") if isinstance(redis, Mapping) else None
+    try:
+        has_password = isinstance(url, str) and urlsplit(url).password is not None
+    except ValueError:
+        has_password = False  # a malformed url fails where it is used, with its own error
+    if has_password:
+        raise ConfigError(
+            f"{path}: redis.url carries a password; settings files are not secret: set "
+            "SWITCHYARD_REDIS_PASSWORD or a file named by redis.password_file instead"
+        )
 
 
 def _split_override(key: str) -> tuple[str, str]:

@@ -123,7 +123,11 @@ def test_a_password_in_the_settings_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="SWITCHYARD_REDIS_PASSWORD") as refused:
         load_settings(config, env={}, base_dir=tmp_path)
     assert "hunter2" not in str(refused.value)  # the refusal does not repeat the secret
-    assert load_settings(None, env={}, redis_url="redis://app@127.0.0.1:6379/0").redis.url
+    # A user name alone is fine; so is a url set by the environment (a deployment's secret).
+    config.write_text("redis:\n  url: redis://app@127.0.0.1:6379/0\n")
+    assert load_settings(config, env={}).redis.url == "redis://app@127.0.0.1:6379/0"
+    env = {"SWITCHYARD__REDIS__URL": "redis://:from-a-secret@redis:6379/0"}
+    assert load_settings(None, env=env).redis.url.endswith("@redis:6379/0")
 
 
 def test_an_empty_password_file_stops_the_start(tmp_path: Path) -> None:
