@@ -54,7 +54,8 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    monkeypatch.delenv("SWITCHYARD__AUDIT__ENABLED")  # tests/conftest.py turns it off elsewhere
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=5)
     try:
         client.ping()
