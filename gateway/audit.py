@@ -205,7 +205,8 @@ class AuditFeed:
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         if self.client is None:
-            return list(reversed(read_local(self.settings.local_file, 64 * 1024)[-limit:]))
+            tail = read_local(self.settings.local_file, 64 * 1024)[-limit:]
+            return [_flat(r) for r in reversed(tail)]
         return self._recent[:limit]
 
     async def refresh(self) -> None:
