@@ -1,7 +1,8 @@
 """`python -m gateway audit tail [-n N] [--follow]`: print the audit trail (gateway/audit.py).
 
-Reads the Redis stream `audit.stream`; without Redis (`redis.url` empty) or while it is down,
-the local file `audit.local_file` that records fall back to, saying so on stderr. One line per
+Reads the Redis stream `audit.stream`; without Redis (`redis.url` empty), while it is down, or
+with `--local`, the local file `audit.local_file` that records fall back to (records written
+there during an outage stay there: they are not copied into the stream later). One line per
 change: when, who (via what), the action, its target, old -> new; `--json` prints the records.
 Exit codes: 0 printed (even nothing), 1 neither the stream nor the file could be read.
 """
@@ -26,6 +27,9 @@ def add_audit_parser(sub: Any) -> None:
     tail.add_argument("-n", type=int, default=20, help="records to print (default 20)")
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
     tail.add_argument("--json", action="store_true", help="one JSON record per line")
+    tail.add_argument(
+        "--local", action="store_true", help="read audit.local_file (kept while Redis was down)"
+    )
     tail.add_argument("--config", type=Path, default=Path("configs/gateway.yaml"))
     tail.add_argument("--redis-url", default=None, help="override redis.url")
     tail.set_defaults(handler=cmd_tail)
@@ -51,7 +55,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     def show(rec: dict[str, Any]) -> None:
         print(orjson.dumps(rec).decode() if args.json else describe(rec), flush=True)
 
-    if r.url:
+    if r.url and not args.local:
         client: Any = sync_client(  # redis-py's stubs type stream replies loosely
             r, socket_connect_timeout=r.connect_timeout_s, socket_timeout=None
         )

@@ -178,6 +178,11 @@ def test_with_redis_down_the_record_reaches_the_log_and_the_local_file(env: Env,
     assert main(["audit", "tail", "--config", str(env.config)]) == 0
     out, err = capsys.readouterr()
     assert "10.0 -> 30.0" in out and "Redis unavailable" in err
+    write_config(env, REDIS_URL)  # Redis is back: the stream is empty, the file keeps the record
+    assert main(["audit", "tail", "--config", str(env.config)]) == 0
+    assert "10.0 -> 30.0" not in capsys.readouterr().out
+    assert main(["audit", "tail", "--local", "--config", str(env.config)]) == 0
+    assert "10.0 -> 30.0" in capsys.readouterr().out
 
 
 async def test_the_status_page_feed_reads_the_stream(env: Env) -> None:
