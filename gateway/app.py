@@ -15,6 +15,8 @@ from gateway.api import admin, feedback, oip, ui
 from gateway.api import routes as v1
 from gateway.api.keys import METRICS, SERVICE, SETTINGS
 from gateway.api.middleware import request_context
+from gateway.api.status import AUDIT
+from gateway.audit import AuditFeed
 from gateway.backends.base import Backend
 from gateway.backends.pool import BackendPool, PoolMember
 from gateway.backends.triton import TritonBackend
@@ -24,6 +26,7 @@ from gateway.clock import Clock, monotonic
 from gateway.config import Settings
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.observability import build_observability
+from gateway.redis_conn import redis_options
 from gateway.registry.report import ValidationGate
 from gateway.resilience.cache import PredictionCache
 from gateway.resilience.fallback import FallbackLadder
@@ -35,6 +38,7 @@ from gateway.security.rest import GUARD
 from gateway.security.secrets import sticky_secret
 from gateway.security.wiring import build_security
 from gateway.service import InferenceService
+from gateway.tls import triton_channel_credentials
 from gateway.types import InferRequest
 
 log = structlog.get_logger(__name__)
@@ -67,6 +71,7 @@ def build_app(
     cache = PredictionCache(
         max_entries=res.cache_max_entries,
         redis_url=settings.redis.url,
+        redis_options=redis_options(settings.redis),
         redis_timeout_s=res.cache_redis_timeout_s,
         clock=clock,
     )
@@ -110,6 +115,9 @@ def build_app(
     if obs.labels is not None:
         app[feedback.LABELS] = obs.labels
     app[admin.RELOADER] = reloader
+    if settings.audit.enabled:  # the status page's audit section (gateway/audit.py)
+        app[AUDIT] = audit_feed = AuditFeed(settings)
+        app.cleanup_ctx.append(audit_feed.ctx)
     if isinstance(backend, BackendPool):
         app[admin.POOL] = backend
 
@@ -153,8 +161,13 @@ def build_app(
 def build_pool(settings: Settings, metrics: Metrics, clock: Clock = monotonic) -> BackendPool:
     """The configured Triton servers as one Backend with breakers, retries and admission."""
     res = settings.resilience
+    tls = triton_channel_credentials(settings.triton)
     members = [
-        PoolMember(spec.name, TritonBackend(spec.grpc_url, name=spec.name), frozenset(spec.models))
+        PoolMember(
+            spec.name,
+            TritonBackend(spec.grpc_url, spec.name, tls, settings.triton.tls_server_name),
+            frozenset(spec.models),
+        )
         for spec in settings.triton.server_specs()
     ]
     return BackendPool(

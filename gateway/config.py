@@ -41,6 +41,11 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     max_batch_items: int = 256
     shutdown_timeout_s: float = 10.0
+    #: TLS on REST and gRPC alike (gateway/tls.py): both set, or neither (plaintext).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: mTLS: clients must present a certificate signed by this CA.
+    tls_client_ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,12 @@ class TritonSettings:
     fallback_models: tuple[str, ...] = ("risk_distilled",)
     health_interval_s: float = 0.5
     health_timeout_s: float = 0.5
+    #: TLS to every Triton gRPC server: the CA that signed their certificates (set: TLS on);
+    #: a client certificate and key for mTLS; the name to check when it is not the host's.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_server_name: str = ""
 
     def server_specs(self) -> tuple[ServerSpec, ...]:
         return self.servers or (ServerSpec("triton", self.grpc_url),)
@@ -116,9 +127,15 @@ class RoutingSettings:
 class RedisSettings:
     #: Empty: no Redis; the prediction log stays in the on-disk spool, and features/feedback
     #: answer 503.
+    #: redis:// or rediss:// (TLS). A password in the settings file's url is refused: it comes
+    #: from the environment (SWITCHYARD_REDIS_PASSWORD, or this url set by env) or
+    #: password_file (gateway/redis_conn.py).
     url: str = ""
     connect_timeout_s: float = 0.5
     socket_timeout_s: float = 1.0
+    password_file: Path | None = None
+    #: rediss:// with a private CA: its certificate (default: the system's trust store).
+    tls_ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +237,18 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """Who changed a route, a weight or a key (gateway/audit.py): a Redis stream and the
+    log; without Redis (or while it is down) a local JSONL file instead of the stream."""
+
+    enabled: bool = True
+    stream: str = "audit"
+    #: Approximate entries kept in the stream (XADD MAXLEN ~).
+    maxlen: int = 100_000
+    local_file: Path = Path("var/audit/audit.jsonl")
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
     json: bool = True
@@ -240,6 +269,7 @@ class Settings:
     #: Coalescing of concurrent single-row calls per target (gateway/batching.py).
     batching: BatchingPolicy = field(default_factory=BatchingPolicy)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def resolve_paths(self, base: Path) -> Settings:
@@ -267,6 +297,7 @@ def load_settings(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded
+        _refuse_file_secrets(data, path)
     for key, value in (os.environ if env is None else env).items():
         if key.startswith(ENV_PREFIX):
             # SECTION__KEY, or deeper (RESILIENCE__FALLBACK__LATENCY__P99_MS): one leaf
@@ -287,6 +318,23 @@ def load_settings(
         data.setdefault(section, {})[name] = value
     settings = _build(Settings, data, "settings")
     return settings.resolve_paths(base_dir or Path.cwd())
+
+
+def _refuse_file_secrets(data: Mapping[str, Any], path: str | Path) -> None:
+    """Settings files are committed, copied and logged: a Redis password has no place there."""
+    from urllib.parse import urlsplit
+
+    redis = data.get("redis")
+    url = redis.get("url") if isinstance(redis, Mapping) else None
+    try:
+        has_password = isinstance(url, str) and urlsplit(url).password is not None
+    except ValueError:
+        has_password = False  # a malformed url fails where it is used, with its own error
+    if has_password:
+        raise ConfigError(
+            f"{path}: redis.url carries a password; settings files are not secret: set "
+            "SWITCHYARD_REDIS_PASSWORD or a file named by redis.password_file instead"
+        )
 
 
 def _split_override(key: str) -> tuple[str, str]:

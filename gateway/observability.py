@@ -25,6 +25,7 @@ from gateway.predlog.redaction import LogPolicies
 from gateway.predlog.redis_stream import StreamWriter
 from gateway.predlog.spool import Spool
 from gateway.predlog.writer import PredictionLog
+from gateway.redis_conn import async_client
 from gateway.security.secrets import redaction_salt
 from gateway.triton_metrics import TritonMetricsScraper
 
@@ -36,8 +37,8 @@ def redis_client(settings: Settings) -> aioredis.Redis | None:
     r = settings.redis
     if not r.url:
         return None
-    return aioredis.Redis.from_url(
-        r.url,
+    return async_client(
+        r,
         socket_connect_timeout=r.connect_timeout_s,
         socket_timeout=r.socket_timeout_s,
         health_check_interval=30,

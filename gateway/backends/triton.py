@@ -86,14 +86,32 @@ def _scalar(fd: FieldDescriptor, value: Any) -> Any:
     return value
 
 
+def _open_channel(
+    url: str, tls: grpc.ChannelCredentials | None, server_name: str, options: list[Any]
+) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(url, options=options)
+    if server_name:  # the name in Triton's certificate, when the url's host is another
+        options = [*options, ("grpc.ssl_target_name_override", server_name)]
+    return grpc.aio.secure_channel(url, tls, options=options)
+
+
 class TritonBackend:
     """A Triton server reached over one long-lived gRPC channel."""
 
-    def __init__(self, url: str, name: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str | None = None,
+        tls: grpc.ChannelCredentials | None = None,  # gateway.tls: None is plaintext
+        tls_server_name: str = "",
+    ) -> None:
         self.name = name or url
         self.url = url
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = _open_channel(
             url,
+            tls,
+            tls_server_name,
             options=[
                 ("grpc.max_send_message_length", _MAX_MESSAGE),
                 ("grpc.max_receive_message_length", _MAX_MESSAGE),

@@ -31,6 +31,7 @@ class PredictionCache:
         max_entries: int = 10_000,
         redis_url: str = "",
         redis_timeout_s: float = 0.02,
+        redis_options: Mapping[str, Any] | None = None,  # gateway.redis_conn: password, TLS
         key_prefix: str = "switchyard:pred:",
         clock: Clock = monotonic,
         max_pending_writes: int = 10_000,
@@ -57,6 +58,7 @@ class PredictionCache:
                 socket_connect_timeout=redis_timeout_s,
                 socket_timeout=redis_timeout_s,
                 retry_on_timeout=False,
+                **(redis_options or {}),
             )
 
     # -- reads -----------------------------------------------------------------------------

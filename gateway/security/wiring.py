@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 
 from gateway.config import ConfigError, Settings
+from gateway.redis_conn import async_client
 from gateway.security.authn import Authenticator
 from gateway.security.guard import Guard
 from gateway.security.keys import KeyFile, KeyFileError, TenantLimit, tenant_limit
@@ -61,8 +61,8 @@ def build_security(settings: Settings, registry: CollectorRegistry | None = None
         log.warning("auth_no_keys", keys_file=str(a.keys_file), effect="every request gets 401")
     client = None
     if settings.redis.url:
-        client = aioredis.Redis.from_url(
-            settings.redis.url,
+        client = async_client(
+            settings.redis,
             socket_connect_timeout=a.ratelimit_timeout_s,
             socket_timeout=a.ratelimit_timeout_s,
         )
