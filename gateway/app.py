@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import numpy as np
 import structlog
@@ -16,6 +17,7 @@ from gateway.api import routes as v1
 from gateway.api.keys import METRICS, SERVICE, SETTINGS
 from gateway.api.middleware import request_context
 from gateway.backends.base import Backend
+from gateway.backends.discovery import DnsDiscovery, DnsSource
 from gateway.backends.pool import BackendPool, PoolMember
 from gateway.backends.triton import TritonBackend
 from gateway.batching import Coalescer
@@ -138,6 +140,7 @@ def build_app(
         ]
         if pool is not None:
             jobs.append(pool.run_health_checks(t.health_interval_s, t.health_timeout_s))
+            jobs.extend(pool_jobs(settings, pool))
         tasks = [asyncio.create_task(job) for job in jobs]
         yield
         for task in tasks:
@@ -151,11 +154,19 @@ def build_app(
 
 
 def build_pool(settings: Settings, metrics: Metrics, clock: Clock = monotonic) -> BackendPool:
-    """The configured Triton servers as one Backend with breakers, retries and admission."""
-    res = settings.resilience
+    """The configured Triton servers as one Backend with breakers, retries and admission;
+    `dns:` servers join later, from `pool_jobs`."""
+    res, t = settings.resilience, settings.triton
+    default_metrics = t.metrics_url if not t.servers else ""
     members = [
-        PoolMember(spec.name, TritonBackend(spec.grpc_url, name=spec.name), frozenset(spec.models))
-        for spec in settings.triton.server_specs()
+        PoolMember(
+            spec.name,
+            TritonBackend(spec.grpc_url, name=spec.name, max_channel_age_s=t.max_channel_age_s),
+            frozenset(spec.models),
+            metrics_url=spec.metrics_url or default_metrics,
+        )
+        for spec in t.server_specs()
+        if not spec.dns
     ]
     return BackendPool(
         members,
@@ -164,7 +175,25 @@ def build_pool(settings: Settings, metrics: Metrics, clock: Clock = monotonic) -
         admission=res.admission,
         metrics=metrics,
         clock=clock,
+        routing=t.routing,
+        allow_empty=any(spec.dns for spec in t.server_specs()),
     )
+
+
+def pool_jobs(settings: Settings, pool: BackendPool) -> list[Coroutine[Any, Any, None]]:
+    """Background work of a pool: load scrapes, and DNS discovery of `dns:` servers."""
+    t = settings.triton
+    jobs: list[Coroutine[Any, Any, None]] = []
+    if t.routing == "load_aware":
+        jobs.append(pool.run_load_scrapes(t.load_scrape_interval_s, t.load_scrape_timeout_s))
+    sources = [DnsSource.parse(s.name, s.dns, s.metrics_port, s.models) for s in t.servers if s.dns]
+    if sources:
+
+        def backend(name: str, url: str) -> TritonBackend:
+            return TritonBackend(url, name=name, max_channel_age_s=t.max_channel_age_s)
+
+        jobs.append(DnsDiscovery(pool, sources, backend, interval_s=t.dns_interval_s).run())
+    return jobs
 
 
 def fallback_probes(table: RouteTable) -> list[InferRequest]:
