@@ -277,7 +277,7 @@ class BackendPool:
             self.metrics.shed.labels(backend).inc()
 
     def _on_hedge(self, outcome: str) -> None:
-        log.info("backend_hedge", outcome=outcome)
+        log.debug("backend_hedge", outcome=outcome)
         if self.metrics is not None:
             self.metrics.hedges.labels(outcome).inc()
 
