@@ -172,8 +172,9 @@ class BackendPool:
         return fresh + rest
 
     def _typical_service_s(self) -> float:
-        known = [m.load.mean_service_s for m in self.members if m.load.mean_service_s]
-        return sum(known) / len(known) if known else 1.0
+        """What an unmeasured member is charged: half the measured ones' mean (load.py)."""
+        known = [x for m in self.members if (x := m.load.service_s())]
+        return 0.5 * sum(known) / len(known) if known else 1.0
 
     def _pick(self, model: str, tried: set[str]) -> tuple[PoolMember, CircuitBreaker, Permit]:
         serving = [m for m in self.members if m.serves(model) and not m.draining]
@@ -235,9 +236,12 @@ class BackendPool:
                     ):
                         breaker.record_failure(permit)
                         outcome_recorded = True
+                        member.load.observe(self.clock() - started, self.clock())
                     raise
-                elapsed = self.clock() - started
+                now = self.clock()
+                elapsed = now - started
                 breaker.record_success(permit, elapsed)
+                member.load.observe(elapsed, now)
                 outcome_recorded = True
                 if request.policy is not None and request.policy.hedge is not None:
                     self.hedger.record((request.model, request.version), elapsed)

@@ -279,3 +279,24 @@ async def test_settings_wire_dns_servers_scrapes_and_channel_age() -> None:
         job.close()  # built, not run
     assert names == ["BackendPool.run_load_scrapes", "DnsDiscovery.run"]
     await pool.close()
+
+
+def test_peak_ewma_jumps_on_a_slow_answer_and_decays() -> None:
+    load = ServerLoad(decay_s=1.0)
+    load.observe(0.002, now=0.0)
+    load.observe(0.2, now=0.1)  # a stall shows at once
+    assert load.ewma_s == 0.2
+    load.observe(0.002, now=3.1)  # three time constants of fast answers later
+    assert load.ewma_s is not None and load.ewma_s < 0.02
+    load.mean_service_s = 0.05  # Triton's counters, when larger, win
+    assert load.service_s() == 0.05
+
+
+async def test_without_metrics_observed_latency_steers_calls_off_a_slow_server() -> None:
+    slow, fast = toy_backend(), toy_backend()
+    slow.latency_s = 0.02
+    pool = BackendPool([PoolMember("slow", slow), PoolMember("fast", fast)])
+    for _ in range(20):
+        await pool.infer(_request(), Deadline.after(1.0))
+    # the first call measured "slow"; "fast", unmeasured, is tried next and stays preferred
+    assert len(slow.calls) == 1 and len(fast.calls) == 19
