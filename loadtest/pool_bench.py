@@ -5,9 +5,10 @@
 The slow server is made slow with a SIGSTOP/SIGCONT duty cycle on its process group
 (``--stop-ms`` stopped out of every ``--period-ms``): it answers, but late and in bursts, like
 a replica on a throttled or noisy node. The same closed-loop load goes through a BackendPool
-(the gateway's pool layer, in process, no HTTP) under each routing mode in turn, for
-``--rounds`` alternations, with the pool scraping both servers' /metrics every 250 ms in the
-load-aware mode. Prints p50/p99 per mode and the share of calls the slow server took.
+(the gateway's pool layer, in process, no HTTP) under each mode in turn (least-in-flight,
+load-aware, load-aware with the route's hedging), for ``--rounds`` alternations; the pool
+scrapes both servers' /metrics every 250 ms. Prints p50/p99 per mode and the share of
+calls the slow server took.
 """
 
 from __future__ import annotations
@@ -31,9 +32,15 @@ from gateway.backends.pool import BackendPool, PoolMember
 from gateway.backends.triton import TritonBackend
 from gateway.errors import SwitchyardError
 from gateway.tritonserver import TritonInstallation, TritonOptions, TritonPorts, TritonServer
-from gateway.types import Deadline, InferRequest, Tensor
+from gateway.types import CallPolicy, Deadline, HedgeSpec, InferRequest, Tensor
 from loadtest.stats import summarize
 
+#: Routing alone, then with the route's hedging (p95, at most 5 % extra calls) on top.
+MODES = (
+    ("least_in_flight", None),
+    ("load_aware", None),
+    ("load_aware", HedgeSpec(quantile=0.95, max_ratio=0.05)),
+)
 REPO = Path(__file__).resolve().parents[1] / "model_repository"
 
 
@@ -65,7 +72,11 @@ def duty_cycle(pid: int, stop_s: float, period_s: float, done: threading.Event) 
 
 
 async def phase(
-    servers: Sequence[TritonServer], routing: str, duration_s: float, concurrency: int
+    servers: Sequence[TritonServer],
+    routing: str,
+    duration_s: float,
+    concurrency: int,
+    hedge: HedgeSpec | None = None,
 ) -> dict[str, Any]:
     backends = [
         Counting(TritonBackend(s.grpc_url, name=n)) for s, n in zip(servers, "fs", strict=True)
@@ -77,6 +88,7 @@ async def phase(
     pool = BackendPool(members, routing=routing)
     scrapes = asyncio.create_task(pool.run_load_scrapes(0.25, 0.2))
     rows = np.random.default_rng(0).normal(size=(64, 30)).astype(np.float32)
+    policy = CallPolicy(route="risk", policy_version="bench", hedge=hedge)
     latencies: list[float] = []
     errors = 0
     end = time.perf_counter() + duration_s
@@ -86,7 +98,7 @@ async def phase(
         i = k
         while (t0 := time.perf_counter()) < end:
             x = rows[i % len(rows)].reshape(1, 30)
-            req = InferRequest("risk", "", (Tensor("features", "FP32", x),))
+            req = InferRequest("risk", "", (Tensor("features", "FP32", x),), policy=policy)
             i += concurrency
             try:
                 await pool.infer(req, Deadline.after(5.0))
@@ -107,7 +119,7 @@ async def phase(
     s = summarize(latencies, errors, elapsed)
     total = sum(b.calls for b in backends) or 1
     return {
-        "routing": routing,
+        "routing": routing + (" + hedge p95" if hedge else ""),
         "requests": s.requests,
         "errors": s.errors,
         "throughput": round(s.throughput, 1),
@@ -153,8 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         cycler.start()
         for _ in range(args.rounds):
-            for routing in ("least_in_flight", "load_aware"):
-                row = asyncio.run(phase(servers, routing, args.duration, args.concurrency))
+            for routing, hedge in MODES:
+                row = asyncio.run(phase(servers, routing, args.duration, args.concurrency, hedge))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     finally:
