@@ -4,19 +4,25 @@ without another ready replica, and the route file's `hedge` key."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from gateway.api.keys import METRICS, SERVICE
+from gateway.app import build_app
 from gateway.backends.pool import BackendPool, PoolMember
 from gateway.metrics import Metrics
 from gateway.resilience.hedge import Hedger, LatencyWindow
 from gateway.routing.table import RouteError, parse_route
 from gateway.types import CallPolicy, Deadline, HedgeSpec, InferRequest, Tensor
 from tests.unit.fake_backend import FakeBackend
-from tests.unit.fakes import toy_backend
+from tests.unit.fakes import FEATURES, ListSink, toy_backend, write_repo
 
 P95 = HedgeSpec(quantile=0.95, max_ratio=1.0)
 
@@ -144,3 +150,26 @@ def test_route_file_hedge_key_reaches_the_call_policy() -> None:
     for bad in ("{after: p100}", "{after: soon}", "{max_ratio: 2}", "{after: p95, x: 1}"):
         with pytest.raises(RouteError):
             parse_route((base + f"hedge: {bad}\n").encode(), "risk.yaml")
+
+
+async def test_through_the_app_a_hedged_request_is_answered_and_logged_once(
+    tmp_path: Path, aiohttp_client: Any
+) -> None:
+    settings = write_repo(tmp_path, "hedge: {after: 5, max_ratio: 1.0}\n")
+    slow, fast = toy_backend(), toy_backend()
+    slow.hang = True
+    pool = BackendPool(
+        [PoolMember("slow", slow), PoolMember("fast", fast)], routing="least_in_flight"
+    )
+    app = build_app(settings, backend=pool)
+    sink = ListSink()
+    app[SERVICE].predlog = sink
+    client = await aiohttp_client(app)
+    body = {"model_name": "toy", "features": [0.0] * len(FEATURES), "request_id": "r-1"}
+    resp = await client.post("/v1/predict", data=io.BytesIO(json.dumps(body).encode()))
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["fallback_used"] is None
+    assert (len(slow.calls), len(fast.calls)) == (1, 1)
+    assert [e["request_id"] for e in sink.entries] == ["r-1"]  # one answer, one log entry
+    assert hedges(app[METRICS], "won") == 1
+    await _poll(lambda: slow.cancelled == 1)
