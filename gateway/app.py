@@ -17,7 +17,7 @@ from gateway.api import routes as v1
 from gateway.api.keys import METRICS, SERVICE, SETTINGS
 from gateway.api.middleware import request_context
 from gateway.backends.base import Backend
-from gateway.backends.discovery import DnsDiscovery, DnsSource
+from gateway.backends.discovery import DnsDiscovery, DnsSource, ServersFile
 from gateway.backends.pool import BackendPool, PoolMember
 from gateway.backends.triton import TritonBackend
 from gateway.batching import Coalescer
@@ -176,23 +176,26 @@ def build_pool(settings: Settings, metrics: Metrics, clock: Clock = monotonic) -
         metrics=metrics,
         clock=clock,
         routing=t.routing,
-        allow_empty=any(spec.dns for spec in t.server_specs()),
+        allow_empty=t.servers_file is not None or any(spec.dns for spec in t.server_specs()),
     )
 
 
 def pool_jobs(settings: Settings, pool: BackendPool) -> list[Coroutine[Any, Any, None]]:
-    """Background work of a pool: load scrapes, and DNS discovery of `dns:` servers."""
+    """Background work of a pool: load scrapes, DNS discovery of `dns:` servers, and the
+    servers file."""
     t = settings.triton
     jobs: list[Coroutine[Any, Any, None]] = []
     if t.routing == "load_aware":
         jobs.append(pool.run_load_scrapes(t.load_scrape_interval_s, t.load_scrape_timeout_s))
     sources = [DnsSource.parse(s.name, s.dns, s.metrics_port, s.models) for s in t.servers if s.dns]
+
+    def backend(name: str, url: str) -> TritonBackend:
+        return TritonBackend(url, name=name, max_channel_age_s=t.max_channel_age_s)
+
     if sources:
-
-        def backend(name: str, url: str) -> TritonBackend:
-            return TritonBackend(url, name=name, max_channel_age_s=t.max_channel_age_s)
-
         jobs.append(DnsDiscovery(pool, sources, backend, interval_s=t.dns_interval_s).run())
+    if t.servers_file is not None:
+        jobs.append(ServersFile(pool, t.servers_file, backend, t.dns_interval_s).run())
     return jobs
 
 

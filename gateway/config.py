@@ -80,6 +80,9 @@ class TritonSettings:
     load_scrape_timeout_s: float = 0.2
     #: `dns:` servers are re-resolved this often; vanished addresses drain.
     dns_interval_s: float = 5.0
+    #: More servers from a YAML list ({name, grpc_url, models, metrics_url}, a ConfigMap key),
+    #: re-read every dns_interval_s: entries join and (removed) drain without a restart.
+    servers_file: Path | None = None
     #: Client-side maximum connection age: a member's channel is renewed after this long, so
     #: new replicas behind a Service get traffic (0: never).
     max_channel_age_s: float = 300.0

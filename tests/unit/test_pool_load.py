@@ -266,6 +266,7 @@ async def test_settings_wire_dns_servers_scrapes_and_channel_age() -> None:
             " {name: triton, dns: 'triton-headless:8001', metrics_port: 9002}]"
         ),
         "SWITCHYARD__TRITON__MAX_CHANNEL_AGE_S": "30",
+        "SWITCHYARD__TRITON__SERVERS_FILE": "/etc/switchyard/servers.yaml",
     }
     settings = load_settings(root / "configs" / "gateway.yaml", env=env, base_dir=root)
     assert settings.triton.routing == "load_aware"
@@ -277,7 +278,7 @@ async def test_settings_wire_dns_servers_scrapes_and_channel_age() -> None:
     names = sorted(j.__qualname__ for j in jobs)
     for job in jobs:
         job.close()  # built, not run
-    assert names == ["BackendPool.run_load_scrapes", "DnsDiscovery.run"]
+    assert names == ["BackendPool.run_load_scrapes", "DnsDiscovery.run", "ServersFile.run"]
     await pool.close()
 
 
@@ -300,3 +301,35 @@ async def test_without_metrics_observed_latency_steers_calls_off_a_slow_server()
         await pool.infer(_request(), Deadline.after(1.0))
     # the first call measured "slow"; "fast", unmeasured, is tried next and stays preferred
     assert len(slow.calls) == 1 and len(fast.calls) == 19
+
+
+async def test_servers_file_adds_and_drains_members_and_ignores_a_bad_edit(
+    tmp_path: Path,
+) -> None:
+    from gateway.backends.discovery import ServersFile
+
+    path = tmp_path / "servers.yaml"
+    path.write_text(
+        "- {name: t1, grpc_url: '10.0.0.1:8001', models: [toy], metrics_url: 'http://x/metrics'}\n"
+        "- {name: t2, grpc_url: '10.0.0.2:8001'}\n"
+    )
+    made: dict[str, str] = {}
+
+    def make(name: str, url: str) -> FakeBackend:
+        made[name] = url
+        return toy_backend()
+
+    fixed = PoolMember("fixed", toy_backend())
+    pool = BackendPool([fixed])
+    servers = ServersFile(pool, path, make)
+    servers.refresh()
+    assert [m.name for m in pool.members] == ["fixed", "t1", "t2"]
+    assert made == {"t1": "10.0.0.1:8001", "t2": "10.0.0.2:8001"}
+    assert pool.members[1].models == frozenset({"toy"})
+    assert pool.members[1].metrics_url == "http://x/metrics"
+    path.write_text("- {name: t2, grpc_url: '10.0.0.2:8001'}\n")  # t1 removed: it drains
+    servers.refresh()
+    assert [m.name for m in pool.members] == ["fixed", "t2"]  # configured members stay
+    path.write_text("- {name: t3}\n")  # invalid: nothing changes
+    servers.refresh()
+    assert [m.name for m in pool.members] == ["fixed", "t2"]
