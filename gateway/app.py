@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import numpy as np
 import structlog
@@ -18,6 +19,7 @@ from gateway.api.middleware import request_context
 from gateway.api.status import AUDIT
 from gateway.audit import AuditFeed
 from gateway.backends.base import Backend
+from gateway.backends.discovery import DnsDiscovery, DnsSource, ServersFile
 from gateway.backends.pool import BackendPool, PoolMember
 from gateway.backends.triton import TritonBackend
 from gateway.batching import Coalescer
@@ -146,6 +148,7 @@ def build_app(
         ]
         if pool is not None:
             jobs.append(pool.run_health_checks(t.health_interval_s, t.health_timeout_s))
+            jobs.extend(pool_jobs(settings, pool))
         tasks = [asyncio.create_task(job) for job in jobs]
         yield
         for task in tasks:
@@ -159,16 +162,26 @@ def build_app(
 
 
 def build_pool(settings: Settings, metrics: Metrics, clock: Clock = monotonic) -> BackendPool:
-    """The configured Triton servers as one Backend with breakers, retries and admission."""
-    res = settings.resilience
-    tls = triton_channel_credentials(settings.triton)
+    """The configured Triton servers as one Backend with breakers, retries and admission;
+    `dns:` servers join later, from `pool_jobs`."""
+    res, t = settings.resilience, settings.triton
+    tls = triton_channel_credentials(t)
+    default_metrics = t.metrics_url if not t.servers else ""
     members = [
         PoolMember(
             spec.name,
-            TritonBackend(spec.grpc_url, spec.name, tls, settings.triton.tls_server_name),
+            TritonBackend(
+                spec.grpc_url,
+                spec.name,
+                tls,
+                t.tls_server_name,
+                max_channel_age_s=t.max_channel_age_s,
+            ),
             frozenset(spec.models),
+            metrics_url=spec.metrics_url or default_metrics,
         )
-        for spec in settings.triton.server_specs()
+        for spec in t.server_specs()
+        if not spec.dns
     ]
     return BackendPool(
         members,
@@ -177,7 +190,28 @@ def build_pool(settings: Settings, metrics: Metrics, clock: Clock = monotonic) -
         admission=res.admission,
         metrics=metrics,
         clock=clock,
+        routing=t.routing,
+        allow_empty=t.servers_file is not None or any(spec.dns for spec in t.server_specs()),
     )
+
+
+def pool_jobs(settings: Settings, pool: BackendPool) -> list[Coroutine[Any, Any, None]]:
+    """Background work of a pool: load scrapes, DNS discovery of `dns:` servers, and the
+    servers file."""
+    t = settings.triton
+    jobs: list[Coroutine[Any, Any, None]] = []
+    if t.routing == "load_aware":
+        jobs.append(pool.run_load_scrapes(t.load_scrape_interval_s, t.load_scrape_timeout_s))
+    sources = [DnsSource.parse(s.name, s.dns, s.metrics_port, s.models) for s in t.servers if s.dns]
+
+    def backend(name: str, url: str) -> TritonBackend:
+        return TritonBackend(url, name=name, max_channel_age_s=t.max_channel_age_s)
+
+    if sources:
+        jobs.append(DnsDiscovery(pool, sources, backend, interval_s=t.dns_interval_s).run())
+    if t.servers_file is not None:
+        jobs.append(ServersFile(pool, t.servers_file, backend, t.dns_interval_s).run())
+    return jobs
 
 
 def fallback_probes(table: RouteTable) -> list[InferRequest]:

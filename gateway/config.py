@@ -50,11 +50,19 @@ class ServerSettings:
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """One Triton server of the pool. ``models`` empty: it is asked for every model."""
+    """One Triton server of the pool. ``models`` empty: it is asked for every model.
+
+    ``dns: host:port`` instead of ``grpc_url`` makes it a set of servers: every address the
+    name resolves to (a headless Service: one per pod), re-resolved every
+    ``triton.dns_interval_s``; members are named ``<name>/<address>``."""
 
     name: str
-    grpc_url: str
+    grpc_url: str = ""
     models: tuple[str, ...] = ()
+    dns: str = ""
+    #: Triton's /metrics for load-aware routing; for dns members, this port on each address.
+    metrics_url: str = ""
+    metrics_port: int = 8002
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,19 @@ class TritonSettings:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_server_name: str = ""
+    #: How the pool picks a server: load_aware (power of two choices on Triton's queue and
+    #: timings plus in-flight) or least_in_flight (this gateway's own count only).
+    routing: str = "load_aware"
+    load_scrape_interval_s: float = 0.25
+    load_scrape_timeout_s: float = 0.2
+    #: `dns:` servers are re-resolved this often; vanished addresses drain.
+    dns_interval_s: float = 5.0
+    #: More servers from a YAML list ({name, grpc_url, models, metrics_url}, a ConfigMap key),
+    #: re-read every dns_interval_s: entries join and (removed) drain without a restart.
+    servers_file: Path | None = None
+    #: Client-side maximum connection age: a member's channel is renewed after this long, so
+    #: new replicas behind a Service get traffic (0: never).
+    max_channel_age_s: float = 300.0
 
     def server_specs(self) -> tuple[ServerSpec, ...]:
         return self.servers or (ServerSpec("triton", self.grpc_url),)
