@@ -204,8 +204,12 @@ def pool_jobs(settings: Settings, pool: BackendPool) -> list[Coroutine[Any, Any,
         jobs.append(pool.run_load_scrapes(t.load_scrape_interval_s, t.load_scrape_timeout_s))
     sources = [DnsSource.parse(s.name, s.dns, s.metrics_port, s.models) for s in t.servers if s.dns]
 
+    tls = triton_channel_credentials(t)
+
     def backend(name: str, url: str) -> TritonBackend:
-        return TritonBackend(url, name=name, max_channel_age_s=t.max_channel_age_s)
+        return TritonBackend(
+            url, name, tls, t.tls_server_name, max_channel_age_s=t.max_channel_age_s
+        )
 
     if sources:
         jobs.append(DnsDiscovery(pool, sources, backend, interval_s=t.dns_interval_s).run())
