@@ -181,6 +181,9 @@ class ArchiveSettings:
     interval_s: float = 300.0
     #: Join labels (label:<request_id>) into the daily aggregates when they are rebuilt.
     aggregate_labels: bool = True
+    #: The archiver's Redis socket timeout (redis.socket_timeout_s is sized for the request
+    #: path; one XREADGROUP of batch_size entries takes longer).
+    socket_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)

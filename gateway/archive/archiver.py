@@ -18,7 +18,8 @@ Trimming: after a stream is drained, `XTRIM MINID ~` removes what is archived an
 older than `trim_keep_s` (the label join and the rollout window still read the stream), never
 at or above the oldest entry pending in any group. It runs alongside the writer's
 `XADD MAXLEN ~`: both only remove, MAXLEN stays the memory cap. If MAXLEN removes entries
-before the archiver read them they are gone; the run reports it (`trimmed_unread`).
+before the archiver read them they are gone; the run counts them (`trimmed_unread`, from the
+stream's and the group's entry counters).
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ class StreamReport:
     files: list[str] = field(default_factory=list)
     #: Entries XTRIM MINID removed after the run.
     trimmed: int = 0
-    #: MAXLEN removed entries this group had not read yet (the archiver fell behind).
-    trimmed_unread: bool = False
+    #: Entries MAXLEN removed before this group read them (the archiver fell behind, or they
+    #: were trimmed before the group existed): never archived.
+    trimmed_unread: int = 0
     #: (model, date) partitions that got a file this run: their aggregates are rebuilt.
     touched: set[tuple[str, str]] = field(default_factory=set)
 
@@ -125,6 +127,7 @@ class Archiver:
             raise StreamUnavailable(f"archiving {stream} failed: {exc}") from exc
         if report.trimmed_unread:
             log.warning("archive_entries_trimmed_unread", stream=stream,
+                        lost=report.trimmed_unread,
                         hint="MAXLEN removed entries before they were archived")  # fmt: skip
         log.info("archive_stream_done", **report.to_dict())
         return report
@@ -147,8 +150,7 @@ class Archiver:
         )
         if not reply:
             return []
-        # RESP2: [[stream, entries]]; RESP3: {stream: [entries]}
-        entries = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
+        entries = reply[0][1]  # [[stream, [(id, fields), ...]]] (RESP2, the client's default)
         return [(R.parse_id(sid), fields or None) for sid, fields in entries]
 
     async def _settle(self, stream: str, model: str, batch: Batch, report: StreamReport) -> None:
@@ -186,17 +188,27 @@ class Archiver:
             ranges = self._ranges[directory] = [r for r in found if r is not None]
         return ranges
 
-    async def _trimmed_unread(self, stream: str) -> bool:
-        """Did the stream lose entries (MAXLEN) that this group never read?"""
+    async def _trimmed_unread(self, stream: str) -> int:
+        """How many entries the stream lost (MAXLEN) before this group read them.
+
+        Trimming removes the oldest entries first, so unread ones are gone only once every
+        entry up to the group's last-delivered id is gone too; then everything the stream
+        holds is unread, and what was added but neither read nor held was lost."""
         info = await self.client.xinfo_stream(stream)
-        deleted = info.get("max-deleted-entry-id")
-        if deleted is None:
-            return False  # Redis < 7 does not say
         mine = next((g for g in await self.client.xinfo_groups(stream)
                      if _text(g.get("name")) == self.group), None)  # fmt: skip
-        if mine is None:
-            return False
-        return R.parse_id(deleted) > R.parse_id(mine.get("last-delivered-id") or "0-0")
+        if mine is None or info.get("entries-added") is None:
+            return 0  # Redis < 7 keeps no counters
+        delivered = R.parse_id(mine.get("last-delivered-id") or "0-0")
+        first = info.get("first-entry")
+        if first and R.parse_id(first[0]) <= delivered:
+            return 0
+        read = mine.get("entries-read")
+        if read is None:
+            if delivered != (0, 0):
+                return 0  # Redis cannot say
+            read = 0
+        return max(0, int(info["entries-added"]) - int(read) - int(info.get("length") or 0))
 
     async def _trim(self, stream: str) -> int:
         if self.trim_keep_s < 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -194,7 +195,8 @@ def cmd_predlog_archive(args: argparse.Namespace) -> int:
 
     async def once() -> dict[str, object]:
         store = ArchiveStore(_archive_location(settings, args.out))
-        client = redis_client(settings)
+        r = dataclasses.replace(settings.redis, socket_timeout_s=a.socket_timeout_s)
+        client = redis_client(dataclasses.replace(settings, redis=r))
         assert client is not None
         try:
             fb = settings.feedback

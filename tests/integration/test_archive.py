@@ -277,6 +277,18 @@ async def test_trim_removes_only_archived_entries(
     # The rerun still archives the pending 300; then everything may go.
     (r2,) = await trimmer.run([stream])
     assert r2.written == 300 and len(archived(tmp_path / "archive")) == 1300
+    # Entries that MAXLEN removes while pending are reported lost and acknowledged.
+    await write_all(client, prefix, make_entries(10, seed=10))
+    await client.xreadgroup("archiver", "archiver", {stream: ">"}, count=10)
+    await client.xtrim(stream, maxlen=0, approximate=False)
+    (r3,) = await trimmer.run([stream])
+    assert (r3.read, r3.lost, r3.written, r3.trimmed_unread) == (10, 10, 0, 0)
+    assert (await client.xpending(stream, "archiver"))["pending"] == 0
+    # ... and entries it removes before the archiver read them are flagged.
+    await write_all(client, prefix, make_entries(10, seed=11))
+    await client.xtrim(stream, maxlen=0, approximate=False)
+    (r4,) = await trimmer.run([stream])
+    assert (r4.read, r4.trimmed_unread) == (0, 10)
 
 
 async def test_archive_through_an_fsspec_url(client: aioredis.Redis, prefix: str) -> None:
