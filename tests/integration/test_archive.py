@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -310,3 +311,38 @@ async def test_archive_through_an_fsspec_url(client: aioredis.Redis, prefix: str
         assert store.partitions(AGGREGATES)
     finally:
         store.fs.rm(store.root, recursive=True)
+
+
+def test_labels_join_cli_gives_the_same_report_from_either_source(
+    prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+
+    entries = make_entries(400)
+    out = tmp_path / "archive"
+
+    async def setup() -> None:
+        async with aioredis.Redis.from_url(REDIS_URL) as c:
+            await write_all(c, prefix, entries)
+            labels = LabelStore(c, prefix=f"{prefix}-label")
+            for e in entries[::3]:
+                await labels.put(e["request_id"], "deny")
+            await archive_run(c, ArchiveStore(out), RunOptions(prefix=prefix))
+
+    asyncio.run(setup())
+    env = {"SWITCHYARD__PREDLOG__STREAM_PREFIX": prefix,
+           "SWITCHYARD__FEEDBACK__LABEL_PREFIX": f"{prefix}-label"}  # fmt: skip
+    common = ["labels", "join", "--config", str(ROOT / "configs/gateway.yaml"),
+              "--redis-url", REDIS_URL]  # fmt: skip
+    reports = []
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        for source in (["--source", "redis"], ["--source", "archive", "--archive", str(out)]):
+            capsys.readouterr()
+            assert main([*common, *source]) == 0
+            reports.append(orjson.loads(capsys.readouterr().out))
+    assert reports[0] == reports[1]
+    assert reports[0]["entries"] == 400
+    assert sum(a["labelled"] for a in reports[0]["arms"]) == len(entries[::3])
+    assert reports[0]["canary_accuracy_delta"]
