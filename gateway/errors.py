@@ -36,7 +36,7 @@ headers an error needs (`Retry-After`, `WWW-Authenticate`, `X-RateLimit-*`) come
     │   ├── FeatureStoreUnavailable      503 feature_store_unavailable
     │   ├── FeedbackUnavailable          503 feedback_store_unavailable
     │   ├── StreamUnavailable            503 log_store_unavailable (internal: triggers spooling)
-    │   └── ArchiveUnavailable           503 archive_unavailable (prediction archive storage)
+    │   └── ArchiveUnavailable           503 unavailable (prediction archive storage; CLI only)
     └── DeadlineExceeded                 504 deadline_exceeded  [ladder: deadline; server*]
 
 Traits, as class attributes, read by the layers instead of matching messages:
@@ -278,9 +278,8 @@ class StreamUnavailable(ServiceUnavailable):
 
 
 class ArchiveUnavailable(ServiceUnavailable):
-    """The prediction archive's storage failed, or its fsspec protocol is not installed."""
-
-    default_code = "archive_unavailable"
+    """The prediction archive's storage failed, or its fsspec protocol is not installed.
+    Never on the request path (the archiver CLI), so it keeps its parent's code."""
 
 
 class DeadlineExceeded(SwitchyardError):
