@@ -11,6 +11,7 @@ columns the computation needs.
 from __future__ import annotations
 
 import datetime as dt
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -30,7 +31,8 @@ COLUMNS = ("request_id", "model", "version", "arm", "policy_version", "output",
 class ArchiveReader:
     def __init__(self, store: ArchiveStore) -> None:
         self.store = store
-        self.con = duckdb.connect()
+        # Spills go to the temp dir (the pod's /tmp), not the working directory (read-only).
+        self.con = duckdb.connect(config={"temp_directory": tempfile.gettempdir()})
         if not store.local:
             self.con.register_filesystem(store.fs)
 
