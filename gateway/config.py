@@ -194,6 +194,37 @@ class PredlogSettings:
 
 
 @dataclass(frozen=True)
+class ArchiveSettings:
+    """`python -m gateway predlog archive`: the prediction streams as Parquet (docs/archive.md)."""
+
+    #: Local archive directory, used when `url` is empty.
+    dir: Path = Path("var/archive")
+    #: An fsspec URL instead (s3://bucket/prefix, gcs://..., memory://...); needs fsspec and
+    #: the protocol's package installed.
+    url: str = ""
+    #: Consumer group and consumer name on every predictions:<model> stream. One archiver at
+    #: a time (the CronJob forbids overlap): exactly-once relies on one consumer's pending list.
+    group: str = "archiver"
+    consumer: str = "archiver"
+    #: Entries per XREADGROUP, hence at most this many rows per Parquet file.
+    batch_size: int = 10_000
+    #: Per-prediction rows (inputs: input_hash, sampled payloads) and daily aggregates: a
+    #: date partition is deleted once its whole day is older than this many days.
+    inputs_retention_days: int = 14
+    aggregates_retention_days: int = 30
+    #: XTRIM MINID below what is archived and acked, keeping at least this many seconds in
+    #: Redis (the label join and the rollout window read the stream). < 0: never trim.
+    trim_keep_s: float = 86_400.0
+    #: Loop mode (without --once): seconds between runs.
+    interval_s: float = 300.0
+    #: Join labels (label:<request_id>) into the daily aggregates when they are rebuilt.
+    aggregate_labels: bool = True
+    #: The archiver's Redis socket timeout (redis.socket_timeout_s is sized for the request
+    #: path; one XREADGROUP of batch_size entries takes longer).
+    socket_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class FeaturesSettings:
     key_prefix: str = "features"
     timeout_ms: float = 20.0
@@ -284,6 +315,7 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     features: FeaturesSettings = field(default_factory=FeaturesSettings)
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
