@@ -15,10 +15,12 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from opentelemetry.trace import SpanKind
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway import errors
 from gateway.tensors import from_bytes, to_bytes
+from gateway.tracing import Tracing
 from gateway.types import Deadline, InferRequest, InferResponse
 
 _MAX_MESSAGE = 2**31 - 1
@@ -89,9 +91,10 @@ def _scalar(fd: FieldDescriptor, value: Any) -> Any:
 class TritonBackend:
     """A Triton server reached over one long-lived gRPC channel."""
 
-    def __init__(self, url: str, name: str | None = None) -> None:
+    def __init__(self, url: str, name: str | None = None, tracing: Tracing | None = None) -> None:
         self.name = name or url
         self.url = url
+        self.tracing = tracing  # None: no span, no traceparent (tracing off)
         self._channel = grpc.aio.insecure_channel(
             url,
             options=[
@@ -132,13 +135,29 @@ class TritonBackend:
             msg.raw_input_contents.append(to_bytes(t))
         for name in request.outputs:
             msg.outputs.add().name = name
-        with map_grpc_errors(self.name, request.model):
-            reply = await self._stub.ModelInfer(msg, timeout=timeout_s)
+        if self.tracing is None:
+            with map_grpc_errors(self.name, request.model):
+                reply = await self._stub.ModelInfer(msg, timeout=timeout_s)
+        else:
+            reply = await self._traced_infer(msg, timeout_s, self.tracing)
         outputs = {
             o.name: from_bytes(o.name, o.datatype, list(o.shape), raw)
             for o, raw in zip(reply.outputs, reply.raw_output_contents, strict=True)
         }
         return InferResponse(reply.model_name, reply.model_version, outputs, reply.id)
+
+    async def _traced_infer(self, msg: Any, timeout_s: float, tracing: Tracing) -> Any:
+        """ModelInfer in a client span whose context rides on as gRPC metadata
+        ``traceparent``: Triton's OpenTelemetry mode makes its spans children of it."""
+        attrs = {"model": msg.model_name, "version": msg.model_version or None,
+                 "server": self.name, "rpc.system": "grpc"}  # fmt: skip
+        with (
+            tracing.span("triton ModelInfer", attrs, kind=SpanKind.CLIENT),
+            map_grpc_errors(self.name, msg.model_name),
+        ):
+            return await self._stub.ModelInfer(
+                msg, timeout=timeout_s, metadata=tracing.outgoing() or None
+            )
 
     async def server_live(self, timeout_s: float) -> bool:
         with map_grpc_errors(self.name):
