@@ -26,7 +26,8 @@ never; requests without one are sampled at ``telemetry.sample_ratio``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -35,7 +36,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -53,9 +54,16 @@ _PROPAGATOR = TraceContextTextMapPropagator()  # stateless: W3C traceparent / tr
 class Tracing:
     """One process's tracer, and the W3C propagation in and out of it."""
 
-    def __init__(self, provider: TracerProvider) -> None:
+    def __init__(
+        self,
+        provider: TracerProvider,
+        sample_ratio: float = 1.0,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
         self.provider = provider
         self.tracer = provider.get_tracer("switchyard")
+        self.sample_ratio = sample_ratio
+        self.rng = rng
 
     @classmethod
     def build(
@@ -65,12 +73,14 @@ class Tracing:
         sample_ratio: float = 1.0,
         service_name: str = "switchyard",
     ) -> Tracing:
+        # The adapters decide (`sampled`) before any span exists, so the SDK's sampler only
+        # sees requests that are traced: parent-based, always on for our own roots.
         provider = TracerProvider(
-            sampler=ParentBased(root=TraceIdRatioBased(sample_ratio)),
+            sampler=ParentBased(root=ALWAYS_ON),
             resource=Resource.create({"service.name": service_name}),
         )
         provider.add_span_processor(processor)
-        return cls(provider)
+        return cls(provider, sample_ratio)
 
     @classmethod
     def otlp(
@@ -121,7 +131,10 @@ class Tracing:
         attributes: Mapping[str, Any] | None = None,
     ) -> AbstractContextManager[Span]:
         """The adapter's span: a child of the caller's ``traceparent`` when it sent one (an
-        invalid one is ignored: the request starts a trace of its own)."""
+        invalid one is ignored: the request starts a trace of its own). A request that is
+        not sampled gets no span at all: not even a non-recording one."""
+        if not self.sampled(traceparent):
+            return _NOT_RECORDING
         parent = None
         if traceparent:
             carrier = {"traceparent": traceparent}
@@ -129,6 +142,16 @@ class Tracing:
                 carrier["tracestate"] = tracestate
             parent = _PROPAGATOR.extract(carrier)
         return self._start(name, attributes, SpanKind.SERVER, parent)
+
+    def sampled(self, traceparent: str | None) -> bool:
+        """Parent-based: the caller's sampled flag when it sent a valid traceparent, else
+        ``sample_ratio``."""
+        if traceparent and len(traceparent) == 55 and traceparent[2] == "-":
+            try:
+                return bool(int(traceparent[53:], 16) & 1)
+            except ValueError:
+                pass  # not hex: as if absent
+        return self.sample_ratio >= 1.0 or self.rng() < self.sample_ratio
 
     def outgoing(self) -> tuple[tuple[str, str], ...]:
         """gRPC metadata carrying the current span onwards (nothing when not sampled: Triton

@@ -227,3 +227,33 @@ def test_outgoing_context_only_for_a_sampled_span() -> None:
         assert tracing.outgoing() == ()
     with tracing.server_span("s", "garbage"):  # an invalid header: a trace of its own
         assert TRACE_ID not in dict(tracing.outgoing())["traceparent"]
+
+
+def test_up_starts_triton_tracing_to_the_same_collector(tmp_path: Path) -> None:
+    import argparse
+    import dataclasses
+
+    from gateway.cli import _local_triton
+    from gateway.tritonserver import TritonPorts
+
+    settings = write_repo(tmp_path)
+    args = argparse.Namespace(triton_address="127.0.0.1")
+    off = _local_triton(args, settings, TritonPorts(), ("*",), tmp_path / "t.log")
+    assert off.options.trace_args() == []
+    assert not any("trace" in a for a in off.options.args(tmp_path))
+    on_settings = dataclasses.replace(
+        settings,
+        telemetry=TelemetrySettings(otlp_endpoint="http://127.0.0.1:4318", export_delay_ms=250),
+    )
+    on = _local_triton(args, on_settings, TritonPorts(), ("*",), tmp_path / "t.log")
+    argv = on.options.args(tmp_path)
+    flags = [argv[i + 1] for i, a in enumerate(argv) if a == "--trace-config"]
+    assert flags == [
+        "mode=opentelemetry",
+        "rate=0",  # only what the gateway propagates
+        "count=-1",
+        "level=TIMESTAMPS",
+        "opentelemetry,url=http://127.0.0.1:4318/v1/traces",
+        "opentelemetry,resource=service.name=triton",
+        "opentelemetry,bsp_schedule_delay=250",
+    ]
