@@ -257,3 +257,41 @@ def test_up_starts_triton_tracing_to_the_same_collector(tmp_path: Path) -> None:
         "opentelemetry,resource=service.name=triton",
         "opentelemetry,bsp_schedule_delay=250",
     ]
+
+
+async def test_grpc_metadata_traceparent_parents_the_adapter_span(
+    tmp_path: Path, aiohttp_client: Any
+) -> None:
+    import dataclasses
+
+    import numpy as np
+    import tritonclient.grpc.aio as grpcclient
+
+    from gateway.api.grpc_server import grpc_serving
+    from gateway.tritonserver import free_port
+
+    settings = write_repo(tmp_path, ROUTE)
+    write_small_model(settings.routing.model_repository)
+    server = dataclasses.replace(settings.server, host="127.0.0.1", grpc_port=free_port())
+    settings = dataclasses.replace(settings, server=server)
+    exporter = InMemorySpanExporter()
+    app = build_app(
+        settings, backend=toy_backend(), tracing=Tracing.build(SimpleSpanProcessor(exporter))
+    )
+    app[SERVICE].predlog = ListSink()
+    app.cleanup_ctx.append(grpc_serving(settings))
+    await aiohttp_client(app)
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    try:
+        x = np.ones((1, 3), dtype=np.float32)
+        inp = grpcclient.InferInput("features", [1, 3], "FP32")
+        inp.set_data_from_numpy(x)
+        await client.infer("toy", [inp], headers={"traceparent": SAMPLED})
+    finally:
+        await client.close()
+    names = {s.name: s for s in exporter.get_finished_spans()}
+    root = names["grpc ModelInfer"]
+    assert root.parent is not None and root.parent.span_id == int(CLIENT_SPAN, 16)
+    assert root.context is not None and root.context.trace_id == int(TRACE_ID, 16)
+    assert dict(root.attributes or {})["model"] == "toy"
+    assert {"route", "fallback", "pool", "predlog.record"} <= set(names)
