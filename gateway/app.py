@@ -14,18 +14,18 @@ from aiohttp import web
 
 from gateway.api import admin, feedback, oip, ui
 from gateway.api import routes as v1
-from gateway.api.keys import METRICS, SERVICE, SETTINGS
-from gateway.api.middleware import request_context
+from gateway.api.keys import METRICS, SERVICE, SETTINGS, TRACING
+from gateway.api.middleware import request_context, trace_requests
 from gateway.api.status import AUDIT
 from gateway.audit import AuditFeed
 from gateway.backends.base import Backend
 from gateway.backends.discovery import DnsDiscovery, DnsSource, ServersFile
 from gateway.backends.pool import BackendPool, PoolMember
 from gateway.backends.triton import TritonBackend
-from gateway.batching import Coalescer
+from gateway.batching import Coalescer, InferLayer
 from gateway.catalog import ModelCatalog
 from gateway.clock import Clock, monotonic
-from gateway.config import Settings
+from gateway.config import Settings, TelemetrySettings
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.observability import build_observability
 from gateway.redis_conn import redis_options
@@ -41,21 +41,27 @@ from gateway.security.secrets import sticky_secret
 from gateway.security.wiring import build_security
 from gateway.service import InferenceService
 from gateway.tls import triton_channel_credentials
+from gateway.tracing import TracedLayer, Tracing
 from gateway.types import InferRequest
 
 log = structlog.get_logger(__name__)
 
 
 def build_app(
-    settings: Settings, backend: Backend | None = None, clock: Clock = monotonic
+    settings: Settings,
+    backend: Backend | None = None,
+    clock: Clock = monotonic,
+    tracing: Tracing | None = None,
 ) -> web.Application:
-    """Wire every component from settings. Tests pass a FakeBackend and a fake clock."""
+    """Wire every component from settings. Tests pass a FakeBackend, a fake clock, and a
+    Tracing with an in-memory exporter."""
     metrics = Metrics(multiprocess_dir=os.environ.get(MULTIPROC_ENV))
     catalog = ModelCatalog.load(settings.routing.model_repository)
     table = load_route_table(settings.routing.routes_dir, catalog, sticky_secret(settings))
     if settings.routing.require_validation:  # the startup table passes the reloads' gate too
         ValidationGate(settings.routing.model_repository).require(table.targets())
-    pool = build_pool(settings, metrics, clock) if backend is None else None
+    tracing = tracing or build_tracing(settings.telemetry)  # None: off, no spans anywhere
+    pool = build_pool(settings, metrics, clock, tracing) if backend is None else None
     if isinstance(backend, BackendPool) and backend.metrics is None:
         backend.metrics = metrics  # a pool built by a test reports into this app's registry
     backend = backend or pool
@@ -77,14 +83,20 @@ def build_app(
         redis_timeout_s=res.cache_redis_timeout_s,
         clock=clock,
     )
-    # The request path, bottom up: pool (admission, breaker, retry) <- coalescer <- ladder.
-    coalescer = Coalescer(settings.batching, backend)
+    # The request path, bottom up: pool (admission, breaker, retry) <- coalescer <- ladder;
+    # with tracing on, each layer is wrapped in its span.
+    coalescer = Coalescer(settings.batching, _traced(backend, tracing, "pool"))
     ladder = FallbackLadder(
-        inner=coalescer, cache=cache, metrics=metrics, policy=res.fallback, clock=clock
+        inner=_traced(coalescer, tracing, "coalesce"),
+        cache=cache,
+        metrics=metrics,
+        policy=res.fallback,
+        clock=clock,
     )
+    ladder.tracing = shadow.tracing = tracing
     service = InferenceService(
         routes=routes,
-        stack=ladder,
+        stack=_traced(ladder, tracing, "fallback"),
         backend=backend,
         predlog=obs.predlog,
         features=obs.features,
@@ -97,11 +109,13 @@ def build_app(
         clock=clock,
         shadow=shadow,
     )
+    service.tracing = tracing
     reloader = _route_reloader(settings, service, metrics)
 
     security = build_security(settings, metrics.registry)  # API keys, scopes, rate limits
+    traced = [trace_requests] if tracing is not None else []  # off: not even a pass-through
     app = web.Application(
-        middlewares=[request_context, *security.middlewares],
+        middlewares=[*traced, request_context, *security.middlewares],
         client_max_size=settings.server.max_body_bytes,
     )
     app[GUARD] = security.guard  # the gRPC server admits calls through the same guard
@@ -109,6 +123,7 @@ def build_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[SERVICE] = service
+    app[TRACING] = tracing
     app.add_routes(v1.routes)
     app.add_routes(oip.routes)
     app.add_routes(admin.routes)
@@ -156,12 +171,19 @@ def build_app(
         await asyncio.gather(*tasks, return_exceptions=True)
         await cache.close()
 
-    app.cleanup_ctx.extend([predlog_ctx, backend_ctx, routing_ctx, resilience_ctx])
+    async def tracing_ctx(_: web.Application) -> AsyncIterator[None]:
+        yield
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)  # exports the spans still queued
+
+    app.cleanup_ctx.extend([tracing_ctx, predlog_ctx, backend_ctx, routing_ctx, resilience_ctx])
     log.info("app_built", routes=sorted(table.routes), triton=settings.triton.grpc_url)
     return app
 
 
-def build_pool(settings: Settings, metrics: Metrics, clock: Clock = monotonic) -> BackendPool:
+def build_pool(
+    settings: Settings, metrics: Metrics, clock: Clock = monotonic, tracing: Tracing | None = None
+) -> BackendPool:
     """The configured Triton servers as one Backend with breakers, retries and admission;
     `dns:` servers join later, from `pool_jobs`."""
     res, t = settings.resilience, settings.triton
@@ -176,6 +198,7 @@ def build_pool(settings: Settings, metrics: Metrics, clock: Clock = monotonic) -
                 tls,
                 t.tls_server_name,
                 max_channel_age_s=t.max_channel_age_s,
+                tracing=tracing,
             ),
             frozenset(spec.models),
             metrics_url=spec.metrics_url or default_metrics,
@@ -216,6 +239,22 @@ def pool_jobs(settings: Settings, pool: BackendPool) -> list[Coroutine[Any, Any,
     if t.servers_file is not None:
         jobs.append(ServersFile(pool, t.servers_file, backend, t.dns_interval_s).run())
     return jobs
+
+
+def build_tracing(telemetry: TelemetrySettings) -> Tracing | None:
+    """The process's tracer when a collector is configured; None (no tracing) otherwise."""
+    if not telemetry.otlp_endpoint:
+        return None
+    return Tracing.otlp(
+        telemetry.otlp_endpoint,
+        sample_ratio=telemetry.sample_ratio,
+        service_name=telemetry.service_name,
+        export_delay_ms=telemetry.export_delay_ms,
+    )
+
+
+def _traced(layer: InferLayer, tracing: Tracing | None, name: str) -> InferLayer:
+    return layer if tracing is None else TracedLayer(layer, tracing, name)
 
 
 def fallback_probes(table: RouteTable) -> list[InferRequest]:

@@ -263,6 +263,21 @@ class TelemetrySettings:
     #: Scrape Triton's metrics endpoint for batch fill and queue time; 0 disables it.
     triton_scrape_interval_s: float = 5.0
     gpu: bool = True
+    #: OpenTelemetry traces over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318;
+    #: /v1/traces is added); empty: no tracing at all. `up` points Triton at it too.
+    otlp_endpoint: str = ""
+    #: Share of requests without a caller's traceparent that are traced (parent-based: a
+    #: sampled traceparent is always traced, an unsampled one never).
+    sample_ratio: float = 1.0
+    service_name: str = "switchyard"
+    #: Spans are exported in batches at most this far apart (gateway and Triton alike).
+    export_delay_ms: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ConfigError("telemetry.sample_ratio must be within [0, 1]")
+        if self.otlp_endpoint and not self.otlp_endpoint.startswith(("http://", "https://")):
+            raise ConfigError("telemetry.otlp_endpoint must be an http(s):// URL")
 
 
 @dataclass(frozen=True)

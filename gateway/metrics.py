@@ -7,7 +7,15 @@ Gauges therefore name a ``multiprocess_mode``; one without it is reported per pi
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -144,8 +152,18 @@ class Metrics:
         )
 
     def render(self) -> bytes:
+        return self.render_for("")[0]
+
+    def render_for(self, accept: str) -> tuple[bytes, str]:
+        """The exposition the scraper asked for (``Accept``), and its content type: the
+        OpenMetrics text when asked, which alone carries the latency histograms' exemplars
+        (trace ids); else the classic Prometheus text. Exemplars are per process: under
+        ``--workers`` (multiprocess mode) prometheus_client keeps none."""
+        registry = self.registry
         if self.multiprocess_dir:
-            merged = CollectorRegistry()
-            MultiProcessCollector(merged, path=self.multiprocess_dir)
-            return generate_latest(merged)
-        return generate_latest(self.registry)
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self.multiprocess_dir)
+        if "application/openmetrics-text" not in accept:
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        encoder, content_type = choose_encoder(accept)
+        return encoder(registry), content_type

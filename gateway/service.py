@@ -42,6 +42,7 @@ from gateway.predlog.redaction import LogPolicies, LogPolicy
 from gateway.resilience.fallback import input_digests
 from gateway.routing.shadow import Primary, ShadowDispatcher
 from gateway.routing.table import Route, RouteTable, RouteTableRef
+from gateway.tracing import NOOP, Tracing, span
 from gateway.types import CallPolicy, Deadline, InferRequest, InferResponse, Target, Tensor
 
 log = structlog.get_logger(__name__)
@@ -113,6 +114,8 @@ class _Planned:
 
 
 class InferenceService:
+    tracing: Tracing | None = None  # set by the composition root: spans route, features, log
+
     def __init__(
         self,
         *,
@@ -214,7 +217,10 @@ class InferenceService:
         self, route: Route, entity_id: str | None, context: Mapping[str, Any]
     ) -> tuple[Target, str]:
         """The target and arm name that answer this request: segment, then split."""
-        target, arm = route.choose(entity_id, context, self.rng)
+        with span(self.tracing, "route", model=route.name, policy_version=route.policy_version):
+            target, arm = route.choose(entity_id, context, self.rng)
+            if self.tracing is not None:
+                self.tracing.annotate(target=target.model, version=target.version, arm=arm)
         self.arm_counts[(route.name, arm)] += 1
         return target, arm
 
@@ -228,7 +234,8 @@ class InferenceService:
                 "feature_refs need the online feature store, which is not configured",
                 code="feature_store_unavailable",
             )
-        resolved = await self.features.resolve(req.feature_refs, req.entity_id, deadline)
+        with span(self.tracing, "features", refs=len(req.feature_refs)):
+            resolved = await self.features.resolve(req.feature_refs, req.entity_id, deadline)
         if req.features is None:
             return resolved
         if not isinstance(req.features, Mapping):
@@ -398,7 +405,18 @@ class InferenceService:
                 "features": dict(zip(names, p.row.tolist(), strict=True)),
                 "context": dict(p.request.context),
             }
-        self.predlog.record(policy.apply(entry))
+        with self._record_span(entry):
+            self.predlog.record(policy.apply(entry))
+
+    def _record_span(self, entry: Mapping[str, Any]) -> Any:
+        """The prediction-log record's span; the answer's attributes go on the request's
+        (adapter) span too, so a trace search by model, arm or rung finds the request."""
+        if self.tracing is None:
+            return NOOP
+        attrs = {k: entry.get(k) for k in ("model", "version", "arm", "policy_version",
+                                           "fallback_used")}  # fmt: skip
+        self.tracing.annotate(**attrs)
+        return self.tracing.span("predlog.record", attrs)
 
     def _count_ok(self, model: str, version: str, arm: str, latency_ms: float) -> None:
         key = (model, version, arm)
@@ -408,7 +426,8 @@ class InferenceService:
                 self.metrics.latency.labels(*key),
                 self.metrics.requests.labels(model, "ok"),
             )
-        children[0].observe(latency_ms / 1000.0)
+        exemplar = None if self.tracing is None else self.tracing.exemplar()
+        children[0].observe(latency_ms / 1000.0, exemplar)  # OpenMetrics: links the trace
         children[1].inc()
 
     # -- tensors (/v2 REST and gRPC) -------------------------------------------------------
@@ -523,7 +542,8 @@ class InferenceService:
             "ts": self.wall(),
             "protocol": "v2",
         }
-        self.predlog.record(self.log_policies.for_model(name).apply(entry))
+        with self._record_span(entry):
+            self.predlog.record(self.log_policies.for_model(name).apply(entry))
 
     def _shadow_tensors(
         self, route: Route, request: InferRequest, resp: InferResponse, name: str, target: Target

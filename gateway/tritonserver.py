@@ -163,6 +163,9 @@ class TritonOptions:
     load_models: tuple[str, ...] = ()
     log_verbose: int = 0
     exit_on_error: bool = True
+    #: OpenTelemetry tracing to this OTLP/HTTP traces URL (".../v1/traces"); "": off.
+    trace_url: str = ""
+    trace_export_delay_ms: int = 1000
     extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -191,8 +194,27 @@ class TritonOptions:
         if self.model_control_mode:
             args.append(f"--model-control-mode={self.model_control_mode}")
         args.extend(f"--load-model={name}" for name in self.load_models)
+        args.extend(self.trace_args())
         args.extend(self.extra_args)
         return args
+
+    def trace_args(self) -> list[str]:
+        """Triton's OpenTelemetry mode (docs/user_guide/trace.md): spans to ``trace_url``.
+        ``rate=0``: only requests that carry a propagated context (the gateway's sampled
+        traceparent) are traced, as children of the gateway's call; its own sampling
+        would start traces nobody asked for."""
+        if not self.trace_url:
+            return []
+        settings = (
+            "mode=opentelemetry",
+            "rate=0",
+            "count=-1",
+            "level=TIMESTAMPS",
+            f"opentelemetry,url={self.trace_url}",
+            "opentelemetry,resource=service.name=triton",
+            f"opentelemetry,bsp_schedule_delay={self.trace_export_delay_ms}",
+        )
+        return [arg for setting in settings for arg in ("--trace-config", setting)]
 
 
 class TritonServer:

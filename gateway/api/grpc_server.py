@@ -169,6 +169,20 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return self.service.deadline_for(ms, self.service.routes.current.routes.get(model))
 
     async def _infer(self, msg: Any, context: grpc.aio.ServicerContext) -> Any:
+        tracing = self.service.tracing
+        if tracing is None:
+            return await self._answer(msg, context)
+        # The adapter's span: a child of the caller's W3C traceparent metadata, if any.
+        metadata = dict(context.invocation_metadata() or ())
+        with tracing.server_span(
+            "grpc ModelInfer",
+            metadata.get("traceparent"),
+            metadata.get("tracestate"),
+            {"rpc.system": "grpc", "rpc.method": "ModelInfer"},
+        ):
+            return await self._answer(msg, context)
+
+    async def _answer(self, msg: Any, context: grpc.aio.ServicerContext) -> Any:
         req = decode_proto(msg, self.limits, msg.id or uuid.uuid4().hex)
         structlog.contextvars.bind_contextvars(request_id=req.request_id, model=req.model)
         resp = await self.service.infer(req, self._deadline(context, req.model))

@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 
 from gateway import errors
-from gateway.api.keys import LOG_FIELDS, REQUEST_ID
+from gateway.api.keys import LOG_FIELDS, REQUEST_ID, TRACING
 
 log = structlog.get_logger("gateway.access")
 
@@ -90,3 +90,25 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                 latency_ms=round((time.perf_counter() - started) * 1000, 3),
                 **request[LOG_FIELDS],
             )
+
+
+#: Paths whose requests get a span: the prediction APIs (not probes, metrics, admin).
+_TRACED_PATHS = ("/v1/", "/v2/")
+
+
+@web.middleware
+async def trace_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The adapter's span, a child of the caller's W3C ``traceparent`` when it sent one.
+    Installed (outermost) only when tracing is on: off, requests never pass through here."""
+    tracing = request.app[TRACING]
+    if tracing is None or not request.path.startswith(_TRACED_PATHS):
+        return await handler(request)
+    resource = request.match_info.route.resource
+    name = f"{request.method} {resource.canonical if resource is not None else request.path}"
+    headers = request.headers
+    with tracing.server_span(
+        name, headers.get("traceparent"), headers.get("tracestate"), {"http.route": name}
+    ) as span:
+        response = await handler(request)
+        span.set_attribute("http.response.status_code", response.status)
+        return response

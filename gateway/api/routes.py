@@ -6,7 +6,6 @@ import os
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.api.keys import LOG_FIELDS, METRICS, REQUEST_ID, SERVICE, SETTINGS
 from gateway.api.middleware import json_response
@@ -67,5 +66,5 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body, content_type = request.app[METRICS].render_for(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})

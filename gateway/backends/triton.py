@@ -22,11 +22,13 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from opentelemetry.trace import SpanKind
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway import errors
 from gateway.clock import Clock, monotonic
 from gateway.tensors import from_bytes, to_bytes
+from gateway.tracing import Tracing
 from gateway.types import Deadline, InferRequest, InferResponse
 
 _MAX_MESSAGE = 2**31 - 1
@@ -151,9 +153,11 @@ class TritonBackend:
         *,
         max_channel_age_s: float = 0.0,
         clock: Clock = monotonic,
+        tracing: Tracing | None = None,
     ) -> None:
         self.name = name or url
         self.url = url
+        self.tracing = tracing  # None: no span, no traceparent (tracing off)
         self.tls = tls
         self.tls_server_name = tls_server_name
         self.max_channel_age_s = max_channel_age_s
@@ -205,8 +209,11 @@ class TritonBackend:
         ch = self._fresh()
         ch.calls += 1
         try:
-            with map_grpc_errors(self.name, request.model):
-                reply = await ch.stub.ModelInfer(msg, timeout=timeout_s)
+            if self.tracing is None:
+                with map_grpc_errors(self.name, request.model):
+                    reply = await ch.stub.ModelInfer(msg, timeout=timeout_s)
+            else:
+                reply = await self._traced_infer(ch, msg, timeout_s, self.tracing)
         finally:
             ch.calls -= 1
             if ch.retired and ch.calls == 0:  # the last call of an old channel: close it
@@ -216,6 +223,21 @@ class TritonBackend:
             for o, raw in zip(reply.outputs, reply.raw_output_contents, strict=True)
         }
         return InferResponse(reply.model_name, reply.model_version, outputs, reply.id)
+
+    async def _traced_infer(
+        self, ch: _Channel, msg: Any, timeout_s: float, tracing: Tracing
+    ) -> Any:
+        """ModelInfer in a client span whose context rides on as gRPC metadata
+        ``traceparent``: Triton's OpenTelemetry mode makes its spans children of it."""
+        attrs = {"model": msg.model_name, "version": msg.model_version or None,
+                 "server": self.name, "rpc.system": "grpc"}  # fmt: skip
+        with (
+            tracing.span("triton ModelInfer", attrs, kind=SpanKind.CLIENT),
+            map_grpc_errors(self.name, msg.model_name),
+        ):
+            return await ch.stub.ModelInfer(
+                msg, timeout=timeout_s, metadata=tracing.outgoing() or None
+            )
 
     async def server_live(self, timeout_s: float) -> bool:
         with map_grpc_errors(self.name):

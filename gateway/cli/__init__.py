@@ -247,7 +247,11 @@ def _local_triton(
     models: tuple[str, ...],
     log_file: Path,
 ) -> TritonServer:
-    """A tritonserver of the local stack on the shipped repository, explicit model control."""
+    """A tritonserver of the local stack on the shipped repository, explicit model control;
+    with ``telemetry.otlp_endpoint`` set, it traces to the same collector as the gateway."""
+    from gateway.tracing import traces_url
+
+    telemetry = settings.telemetry
     return TritonServer(
         TritonOptions(
             model_repository=settings.routing.model_repository,
@@ -255,6 +259,8 @@ def _local_triton(
             address=args.triton_address,
             model_control_mode="explicit",
             load_models=models,
+            trace_url=traces_url(telemetry.otlp_endpoint) if telemetry.otlp_endpoint else "",
+            trace_export_delay_ms=telemetry.export_delay_ms,
         ),
         log_file=log_file,
     )

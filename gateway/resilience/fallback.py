@@ -35,6 +35,7 @@ from gateway.metrics import Metrics
 from gateway.resilience.cache import CachedAnswer, PredictionCache
 from gateway.stats import p99
 from gateway.tensors import numpy_dtype, to_bytes
+from gateway.tracing import Tracing, span
 from gateway.types import CallPolicy, Deadline, InferRequest, InferResponse, Target, Tensor
 
 log = structlog.get_logger(__name__)
@@ -145,6 +146,8 @@ def _digest(prefix: bytes, data: bytes) -> str:
 class FallbackLadder:
     """A layer of the request path: wraps the primary call of every routed request."""
 
+    tracing: Tracing | None = None  # set by the composition root: a span per rung
+
     def __init__(
         self,
         *,
@@ -180,7 +183,8 @@ class FallbackLadder:
         if reason is None:
             started = self.clock()
             try:
-                resp = await self.inner.infer(request, self._primary_deadline(route, deadline))
+                with span(self.tracing, "rung primary", model=request.model):
+                    resp = await self.inner.infer(request, self._primary_deadline(route, deadline))
             except SwitchyardError as exc:
                 if isinstance(exc, DeadlineExceeded):
                     self._trigger(request).observe(self.clock() - started)
@@ -231,20 +235,24 @@ class FallbackLadder:
         """Walk the ladder; the first rung that answers every row wins. None: none did."""
         route = request.policy
         assert route is not None
+        tracing = self.tracing
         if route.fallback is not None and deadline.remaining() > self.policy.min_primary_s:
-            resp = await self._fallback_model(route.fallback, request, deadline)
+            with span(tracing, "rung fallback_model", reason=reason):
+                resp = await self._fallback_model(route.fallback, request, deadline)
             if resp is not None:
                 return self._answered(resp, "fallback_model", reason, _rows(request))
         if route.cache_ttl_s > 0:
-            hit = await self._from_cache(
-                request, keys or cache_keys(request), deadline.remaining(), rung="cache"
-            )
+            with span(tracing, "rung cache", reason=reason):
+                hit = await self._from_cache(
+                    request, keys or cache_keys(request), deadline.remaining(), rung="cache"
+                )
             if hit is not None:
                 return self._answered(hit, "cache", reason, _rows(request))
         if route.default is not None and request.batchable:
-            return self._answered(
-                _default_response(request, route.default), "default", reason, _rows(request)
-            )
+            with span(tracing, "rung default", reason=reason):
+                return self._answered(
+                    _default_response(request, route.default), "default", reason, _rows(request)
+                )
         return None
 
     async def _fallback_model(

@@ -23,6 +23,7 @@ from gateway.catalog import ModelCatalog
 from gateway.errors import SwitchyardError
 from gateway.metrics import Metrics
 from gateway.routing.table import Shadow
+from gateway.tracing import Tracing, span
 from gateway.types import Deadline, Target
 
 log = structlog.get_logger(__name__)
@@ -61,6 +62,8 @@ class Agreement:
 
 
 class ShadowDispatcher:
+    tracing: Tracing | None = None  # set by the composition root: a span per copy
+
     def __init__(
         self,
         backend: Backend,
@@ -102,7 +105,9 @@ class ShadowDispatcher:
     async def _run(self, target: Target, primary: Primary, stats: Agreement) -> None:
         labels = (primary.model_name, str(target))
         try:
-            out = await self._infer(target, primary)
+            # The copy's task inherited the request's context: its span joins that trace.
+            with span(self.tracing, "shadow", model=primary.model_name, target=str(target)):
+                out = await self._infer(target, primary)
         except (SwitchyardError, ValueError) as exc:
             stats.errors += 1
             self.metrics.shadow.labels(*labels, "error").inc()
