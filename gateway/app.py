@@ -68,6 +68,7 @@ def build_app(
         max_entries=res.cache_max_entries,
         redis_url=settings.redis.url,
         redis_timeout_s=res.cache_redis_timeout_s,
+        redis_cluster=settings.redis.cluster,
         clock=clock,
     )
     # The request path, bottom up: pool (admission, breaker, retry) <- coalescer <- ladder.

@@ -31,6 +31,7 @@ class PredictionCache:
         max_entries: int = 10_000,
         redis_url: str = "",
         redis_timeout_s: float = 0.02,
+        redis_cluster: bool = False,
         key_prefix: str = "switchyard:pred:",
         clock: Clock = monotonic,
         max_pending_writes: int = 10_000,
@@ -49,12 +50,13 @@ class PredictionCache:
         self._redis: Any = None
         self._redis_down_logged = False
         if redis_url:
-            import redis.asyncio as aioredis
+            from gateway.redis_client import redis_client
 
-            self._redis = aioredis.Redis.from_url(
+            self._redis = redis_client(
                 redis_url,
-                socket_connect_timeout=redis_timeout_s,
-                socket_timeout=redis_timeout_s,
+                cluster=redis_cluster,
+                connect_timeout_s=redis_timeout_s,
+                socket_timeout_s=redis_timeout_s,
                 retry_on_timeout=False,
             )
 

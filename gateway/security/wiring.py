@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 
 from gateway.config import ConfigError, Settings
+from gateway.redis_client import redis_client
 from gateway.security.authn import Authenticator
 from gateway.security.guard import Guard
 from gateway.security.keys import KeyFile, KeyFileError, TenantLimit, tenant_limit
@@ -61,10 +61,11 @@ def build_security(settings: Settings, registry: CollectorRegistry | None = None
         log.warning("auth_no_keys", keys_file=str(a.keys_file), effect="every request gets 401")
     client = None
     if settings.redis.url:
-        client = aioredis.Redis.from_url(
+        client = redis_client(
             settings.redis.url,
-            socket_connect_timeout=a.ratelimit_timeout_s,
-            socket_timeout=a.ratelimit_timeout_s,
+            cluster=settings.redis.cluster,
+            connect_timeout_s=a.ratelimit_timeout_s,
+            socket_timeout_s=a.ratelimit_timeout_s,
         )
     limiter = RateLimiter(
         client,
