@@ -126,7 +126,8 @@ class StreamWriter:
         markers_in_script = bool(self.answered_ttl_s) and not self._cluster
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                calls = 0
+                scripts: list[int] = []  # where the script replies are among the replies
+                queued = 0
                 for model, group in groups.items():
                     keys = [self.stream(model), self.marks_key(model)]
                     for e, _ in group:
@@ -135,6 +136,7 @@ class StreamWriter:
                             keys.append(self.answered_key(rid))
                         elif self.answered_ttl_s:  # a cluster: other slots, set just before
                             pipe.set(self.answered_key(rid), model, ex=self.answered_ttl_s)
+                            queued += 1
                     batch = orjson.dumps(
                         [[seg, line, encode_fields(e)] for e, (seg, line) in group]
                     )
@@ -148,11 +150,12 @@ class StreamWriter:
                         model,
                         batch,
                     )
-                    calls += 1
+                    scripts.append(queued)
+                    queued += 1
                 results = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StreamUnavailable(f"prediction log write failed: {exc}") from exc
-        return sum(int(r) for r in results[len(results) - calls :])
+        return sum(int(results[i]) for i in scripts)
 
     async def marks(self, segment: str, models: Iterable[str]) -> dict[str, int]:
         """The segment's high-water mark in each model's stream (0: none)."""

@@ -57,7 +57,9 @@ class PredictionCache:
                 cluster=redis_cluster,
                 connect_timeout_s=redis_timeout_s,
                 socket_timeout_s=redis_timeout_s,
-                retry_on_timeout=False,
+                # No retry: a slow Redis must not stall the rung (a cluster client has no
+                # such option; its retries follow MOVED/ASK, bounded by the socket timeout).
+                **({} if redis_cluster else {"retry_on_timeout": False}),
             )
 
     # -- reads -----------------------------------------------------------------------------

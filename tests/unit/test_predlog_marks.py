@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.clock import FakeClock
@@ -13,6 +14,15 @@ from gateway.metrics import Metrics
 from gateway.predlog.spool import Spool
 from gateway.predlog.writer import PredictionLog
 from tests.unit.test_predlog import MemoryStream, entry
+
+
+async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Poll with a deadline (the writer task runs meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if cond() or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.01)
 
 
 def dead_sibling(directory: Path, n: int, stream: MemoryStream | None = None) -> None:
@@ -39,13 +49,9 @@ async def test_a_dead_siblings_segments_are_replayed_while_redis_stays_healthy(
     await live.start()
     try:
         live.record(entry(0))
-        deadline = time.monotonic() + 5
-        while not stream.entries and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await until(lambda: len(stream.entries) >= 1)
         dead_sibling(tmp_path, 5)  # after the live one's start-up replay
-        deadline = time.monotonic() + 5
-        while len(stream.entries) < 6 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await until(lambda: len(stream.entries) >= 6)  # within seconds, Redis healthy all along
     finally:
         await live.close()
     assert sorted(e["request_id"] for e in stream.entries) == ["r0"] + [
