@@ -58,14 +58,19 @@ def used(client: redis.Redis) -> int:
     return int(client.info("memory")["used_memory"])
 
 
-async def fill(url: str, n: int, batch: int, mode: str, prefix: str) -> float:
-    """Write n entries one way; returns the seconds it took."""
+def redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def fill(url: str, n: int, batch: int, mode: str, prefix: str) -> tuple[float, float]:
+    """Write n entries one way; returns the seconds it took and the client's CPU seconds."""
     client = aioredis.Redis.from_url(url)
     writer = StreamWriter(
         client, prefix, maxlen=0, answered_prefix=f"{prefix}-ans" if mode == "markers" else None
     )
     script = client.register_script(_OLD_DEDUPE)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for start in range(0, n, batch):
         entries = [sample_entry(i, False) for i in range(start, min(n, start + batch))]
         if mode == "plain":
@@ -83,9 +88,9 @@ async def fill(url: str, n: int, batch: int, mode: str, prefix: str) -> float:
                 args.append(len(fields))
                 args.extend(fields)
             await script(keys=keys, args=args)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     await client.aclose()
-    return elapsed
+    return elapsed, cpu
 
 
 async def whole_log(url: str, n: int, batch: int) -> float:
@@ -143,14 +148,16 @@ def main() -> None:
         print(f"redis {sync.info('server')['redis_version']}, n={a.n}, batch={a.batch}")
         for mode in ("plain", "marks", "old", "markers"):
             prefix = f"bench-{mode}"
-            before = used(sync)
-            secs = asyncio.run(fill(url, a.n, a.batch, mode, prefix))
-            delta = used(sync) - before
+            before, cpu0 = used(sync), redis_cpu(sync)
+            secs, client_cpu = asyncio.run(fill(url, a.n, a.batch, mode, prefix))
+            delta, server_cpu = used(sync) - before, redis_cpu(sync) - cpu0
             stream = sync.memory_usage(f"{prefix}:risk", samples=0) or 0
             marks = sync.memory_usage(f"{{{prefix}:risk}}:hw", samples=0) or 0
             print(f"{mode:8s} {delta / a.n:7.1f} B/entry (used_memory delta)  stream "
                   f"{stream / a.n:6.1f} B/entry  marks hash {marks} B  "
-                  f"write {a.n / secs:9.0f} entries/s")  # fmt: skip
+                  f"write {a.n / secs:7.0f} entries/s  CPU per entry: client "
+                  f"{client_cpu / a.n * 1e6:5.1f} us, "
+                  f"redis {server_cpu / a.n * 1e6:5.1f} us")  # fmt: skip
             sync.flushdb()
         secs = asyncio.run(whole_log(url, a.n, a.batch))
         print(f"PredictionLog record -> spool -> Redis: {a.n / secs:9.0f} entries/s")
