@@ -38,6 +38,8 @@ import structlog
 log = structlog.get_logger(__name__)
 
 PATTERN = "predictions-*.jsonl"
+#: An empty segment younger than this may be one its writer has not locked yet.
+_EMPTY_GRACE_S = 60.0
 _OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
 
 
@@ -286,7 +288,13 @@ class Spool:
             if not path.exists():  # replayed and removed by another process meanwhile
                 yield None
                 return
-            entries = list(_parse(f.read(), path))
+            data = f.read()
+            if not data and time.time() - os.fstat(f.fileno()).st_mtime < _EMPTY_GRACE_S:
+                # Just created: its writer opens it, then locks it; between the two a claimer
+                # could take it and unlink it under the writer. Leave it alone.
+                yield None
+                return
+            entries = list(_parse(data, path))
             yield entries
             path.unlink(missing_ok=True)
 

@@ -122,3 +122,17 @@ async def test_kept_segments_are_rechecked_and_replayed_if_redis_lost_them(
     await plog._maybe_recover()
     assert spool.segments() == [] and len(stream.entries) == 4
     await plog.close()
+
+
+def test_a_fresh_empty_segment_is_not_claimed(tmp_path: Path) -> None:
+    """Between a writer's open and its flock the file is empty and unlocked: a claimer (the
+    orphan scan, every second) must not take it and unlink it under the writer."""
+    fresh = tmp_path / "predictions-00000000000000000001-1-abcd-1.jsonl"
+    fresh.touch()
+    with Spool(tmp_path).claim(fresh) as entries:
+        assert entries is None
+    assert fresh.exists()
+    os.utime(fresh, (time.time() - 3600, time.time() - 3600))  # an old empty orphan goes
+    with Spool(tmp_path).claim(fresh) as entries:
+        assert entries == []
+    assert not fresh.exists()
