@@ -51,6 +51,7 @@ deps:
 	{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || missing="prometheus"; \
 	command -v chromium >/dev/null 2>&1 || missing="$${missing:+$$missing }chromium"; \
 	command -v kubectl >/dev/null 2>&1 || missing="$${missing:+$$missing }kubernetes-client"; \
+	command -v openssl >/dev/null 2>&1 || missing="$${missing:+$$missing }openssl"; \
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing $$missing with apt-get"; \

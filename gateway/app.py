@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import numpy as np
 import structlog
@@ -15,7 +16,10 @@ from gateway.api import admin, feedback, oip, ui
 from gateway.api import routes as v1
 from gateway.api.keys import METRICS, SERVICE, SETTINGS
 from gateway.api.middleware import request_context
+from gateway.api.status import AUDIT
+from gateway.audit import AuditFeed
 from gateway.backends.base import Backend
+from gateway.backends.discovery import DnsDiscovery, DnsSource, ServersFile
 from gateway.backends.pool import BackendPool, PoolMember
 from gateway.backends.triton import TritonBackend
 from gateway.batching import Coalescer
@@ -24,6 +28,7 @@ from gateway.clock import Clock, monotonic
 from gateway.config import Settings
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.observability import build_observability
+from gateway.redis_conn import redis_options
 from gateway.registry.report import ValidationGate
 from gateway.resilience.cache import PredictionCache
 from gateway.resilience.fallback import FallbackLadder
@@ -35,6 +40,7 @@ from gateway.security.rest import GUARD
 from gateway.security.secrets import sticky_secret
 from gateway.security.wiring import build_security
 from gateway.service import InferenceService
+from gateway.tls import triton_channel_credentials
 from gateway.types import InferRequest
 
 log = structlog.get_logger(__name__)
@@ -67,6 +73,7 @@ def build_app(
     cache = PredictionCache(
         max_entries=res.cache_max_entries,
         redis_url=settings.redis.url,
+        redis_options=redis_options(settings.redis),
         redis_timeout_s=res.cache_redis_timeout_s,
         redis_cluster=settings.redis.cluster,
         clock=clock,
@@ -111,6 +118,9 @@ def build_app(
     if obs.labels is not None:
         app[feedback.LABELS] = obs.labels
     app[admin.RELOADER] = reloader
+    if settings.audit.enabled:  # the status page's audit section (gateway/audit.py)
+        app[AUDIT] = audit_feed = AuditFeed(settings)
+        app.cleanup_ctx.append(audit_feed.ctx)
     if isinstance(backend, BackendPool):
         app[admin.POOL] = backend
 
@@ -139,6 +149,7 @@ def build_app(
         ]
         if pool is not None:
             jobs.append(pool.run_health_checks(t.health_interval_s, t.health_timeout_s))
+            jobs.extend(pool_jobs(settings, pool))
         tasks = [asyncio.create_task(job) for job in jobs]
         yield
         for task in tasks:
@@ -152,11 +163,26 @@ def build_app(
 
 
 def build_pool(settings: Settings, metrics: Metrics, clock: Clock = monotonic) -> BackendPool:
-    """The configured Triton servers as one Backend with breakers, retries and admission."""
-    res = settings.resilience
+    """The configured Triton servers as one Backend with breakers, retries and admission;
+    `dns:` servers join later, from `pool_jobs`."""
+    res, t = settings.resilience, settings.triton
+    tls = triton_channel_credentials(t)
+    default_metrics = t.metrics_url if not t.servers else ""
     members = [
-        PoolMember(spec.name, TritonBackend(spec.grpc_url, name=spec.name), frozenset(spec.models))
-        for spec in settings.triton.server_specs()
+        PoolMember(
+            spec.name,
+            TritonBackend(
+                spec.grpc_url,
+                spec.name,
+                tls,
+                t.tls_server_name,
+                max_channel_age_s=t.max_channel_age_s,
+            ),
+            frozenset(spec.models),
+            metrics_url=spec.metrics_url or default_metrics,
+        )
+        for spec in t.server_specs()
+        if not spec.dns
     ]
     return BackendPool(
         members,
@@ -165,7 +191,32 @@ def build_pool(settings: Settings, metrics: Metrics, clock: Clock = monotonic) -
         admission=res.admission,
         metrics=metrics,
         clock=clock,
+        routing=t.routing,
+        allow_empty=t.servers_file is not None or any(spec.dns for spec in t.server_specs()),
     )
+
+
+def pool_jobs(settings: Settings, pool: BackendPool) -> list[Coroutine[Any, Any, None]]:
+    """Background work of a pool: load scrapes, DNS discovery of `dns:` servers, and the
+    servers file."""
+    t = settings.triton
+    jobs: list[Coroutine[Any, Any, None]] = []
+    if t.routing == "load_aware":
+        jobs.append(pool.run_load_scrapes(t.load_scrape_interval_s, t.load_scrape_timeout_s))
+    sources = [DnsSource.parse(s.name, s.dns, s.metrics_port, s.models) for s in t.servers if s.dns]
+
+    tls = triton_channel_credentials(t)
+
+    def backend(name: str, url: str) -> TritonBackend:
+        return TritonBackend(
+            url, name, tls, t.tls_server_name, max_channel_age_s=t.max_channel_age_s
+        )
+
+    if sources:
+        jobs.append(DnsDiscovery(pool, sources, backend, interval_s=t.dns_interval_s).run())
+    if t.servers_file is not None:
+        jobs.append(ServersFile(pool, t.servers_file, backend, t.dns_interval_s).run())
+    return jobs
 
 
 def fallback_probes(table: RouteTable) -> list[InferRequest]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -150,7 +149,11 @@ class Coalescer:
             else:
                 t = first.inputs[0]
                 rows = np.concatenate([m.request.inputs[0].data for m in members])
-                request = dataclasses.replace(first, inputs=(Tensor(t.name, t.datatype, rows),))
+                request = InferRequest(
+                    first.model, first.version, (Tensor(t.name, t.datatype, rows),),
+                    first.outputs, first.request_id, first.parameters, first.priority, True,
+                    first.policy,
+                )  # fmt: skip
             latest = max(members, key=lambda m: m.deadline.expires_at).deadline
             self.merged_calls += 1
             self.merged_rows += sum(m.rows for m in members)
@@ -188,4 +191,4 @@ def _rows_of(resp: InferResponse, offset: int, n: int, request_id: str) -> Infer
         name: Tensor(name, t.datatype, t.data[offset : offset + n]) if t.data.ndim else t
         for name, t in resp.outputs.items()
     }
-    return dataclasses.replace(resp, outputs=outputs, request_id=request_id)
+    return InferResponse(resp.model, resp.version, outputs, request_id, resp.parameters)

@@ -41,15 +41,28 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     max_batch_items: int = 256
     shutdown_timeout_s: float = 10.0
+    #: TLS on REST and gRPC alike (gateway/tls.py): both set, or neither (plaintext).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: mTLS: clients must present a certificate signed by this CA.
+    tls_client_ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """One Triton server of the pool. ``models`` empty: it is asked for every model."""
+    """One Triton server of the pool. ``models`` empty: it is asked for every model.
+
+    ``dns: host:port`` instead of ``grpc_url`` makes it a set of servers: every address the
+    name resolves to (a headless Service: one per pod), re-resolved every
+    ``triton.dns_interval_s``; members are named ``<name>/<address>``."""
 
     name: str
-    grpc_url: str
+    grpc_url: str = ""
     models: tuple[str, ...] = ()
+    dns: str = ""
+    #: Triton's /metrics for load-aware routing; for dns members, this port on each address.
+    metrics_url: str = ""
+    metrics_port: int = 8002
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,25 @@ class TritonSettings:
     fallback_models: tuple[str, ...] = ("risk_distilled",)
     health_interval_s: float = 0.5
     health_timeout_s: float = 0.5
+    #: TLS to every Triton gRPC server: the CA that signed their certificates (set: TLS on);
+    #: a client certificate and key for mTLS; the name to check when it is not the host's.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_server_name: str = ""
+    #: How the pool picks a server: load_aware (power of two choices on Triton's queue and
+    #: timings plus in-flight) or least_in_flight (this gateway's own count only).
+    routing: str = "load_aware"
+    load_scrape_interval_s: float = 0.25
+    load_scrape_timeout_s: float = 0.2
+    #: `dns:` servers are re-resolved this often; vanished addresses drain.
+    dns_interval_s: float = 5.0
+    #: More servers from a YAML list ({name, grpc_url, models, metrics_url}, a ConfigMap key),
+    #: re-read every dns_interval_s: entries join and (removed) drain without a restart.
+    servers_file: Path | None = None
+    #: Client-side maximum connection age: a member's channel is renewed after this long, so
+    #: new replicas behind a Service get traffic (0: never).
+    max_channel_age_s: float = 300.0
 
     def server_specs(self) -> tuple[ServerSpec, ...]:
         return self.servers or (ServerSpec("triton", self.grpc_url),)
@@ -116,9 +148,15 @@ class RoutingSettings:
 class RedisSettings:
     #: Empty: no Redis; the prediction log stays in the on-disk spool, and features/feedback
     #: answer 503.
+    #: redis:// or rediss:// (TLS). A password in the settings file's url is refused: it comes
+    #: from the environment (SWITCHYARD_REDIS_PASSWORD, or this url set by env) or
+    #: password_file (gateway/redis_conn.py).
     url: str = ""
     connect_timeout_s: float = 0.5
     socket_timeout_s: float = 1.0
+    password_file: Path | None = None
+    #: rediss:// with a private CA: its certificate (default: the system's trust store).
+    tls_ca_file: Path | None = None
     #: `url` is one node of a Redis Cluster: every client is a RedisCluster (hash-tagged keys,
     #: single-slot scripts).
     cluster: bool = False
@@ -162,6 +200,37 @@ class PredlogSettings:
     context_allow: tuple[str, ...] = ("segment", "channel", "deadline_ms")
     #: Per public model name: {hash: [field...], drop: [field...], sample_rate: x}.
     policies: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    """`python -m gateway predlog archive`: the prediction streams as Parquet (docs/archive.md)."""
+
+    #: Local archive directory, used when `url` is empty.
+    dir: Path = Path("var/archive")
+    #: An fsspec URL instead (s3://bucket/prefix, gcs://..., memory://...); needs fsspec and
+    #: the protocol's package installed.
+    url: str = ""
+    #: Consumer group and consumer name on every predictions:<model> stream. One archiver at
+    #: a time (the CronJob forbids overlap): exactly-once relies on one consumer's pending list.
+    group: str = "archiver"
+    consumer: str = "archiver"
+    #: Entries per XREADGROUP, hence at most this many rows per Parquet file.
+    batch_size: int = 10_000
+    #: Per-prediction rows (inputs: input_hash, sampled payloads) and daily aggregates: a
+    #: date partition is deleted once its whole day is older than this many days.
+    inputs_retention_days: int = 14
+    aggregates_retention_days: int = 30
+    #: XTRIM MINID below what is archived and acked, keeping at least this many seconds in
+    #: Redis (the label join and the rollout window read the stream). < 0: never trim.
+    trim_keep_s: float = 86_400.0
+    #: Loop mode (without --once): seconds between runs.
+    interval_s: float = 300.0
+    #: Join labels (label:<request_id>) into the daily aggregates when they are rebuilt.
+    aggregate_labels: bool = True
+    #: The archiver's Redis socket timeout (redis.socket_timeout_s is sized for the request
+    #: path; one XREADGROUP of batch_size entries takes longer).
+    socket_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -229,6 +298,18 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """Who changed a route, a weight or a key (gateway/audit.py): a Redis stream and the
+    log; without Redis (or while it is down) a local JSONL file instead of the stream."""
+
+    enabled: bool = True
+    stream: str = "audit"
+    #: Approximate entries kept in the stream (XADD MAXLEN ~).
+    maxlen: int = 100_000
+    local_file: Path = Path("var/audit/audit.jsonl")
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
     json: bool = True
@@ -243,12 +324,14 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     features: FeaturesSettings = field(default_factory=FeaturesSettings)
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
     #: Coalescing of concurrent single-row calls per target (gateway/batching.py).
     batching: BatchingPolicy = field(default_factory=BatchingPolicy)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def resolve_paths(self, base: Path) -> Settings:
@@ -276,6 +359,7 @@ def load_settings(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded
+        _refuse_file_secrets(data, path)
     for key, value in (os.environ if env is None else env).items():
         if key.startswith(ENV_PREFIX):
             # SECTION__KEY, or deeper (RESILIENCE__FALLBACK__LATENCY__P99_MS): one leaf
@@ -296,6 +380,23 @@ def load_settings(
         data.setdefault(section, {})[name] = value
     settings = _build(Settings, data, "settings")
     return settings.resolve_paths(base_dir or Path.cwd())
+
+
+def _refuse_file_secrets(data: Mapping[str, Any], path: str | Path) -> None:
+    """Settings files are committed, copied and logged: a Redis password has no place there."""
+    from urllib.parse import urlsplit
+
+    redis = data.get("redis")
+    url = redis.get("url") if isinstance(redis, Mapping) else None
+    try:
+        has_password = isinstance(url, str) and urlsplit(url).password is not None
+    except ValueError:
+        has_password = False  # a malformed url fails where it is used, with its own error
+    if has_password:
+        raise ConfigError(
+            f"{path}: redis.url carries a password; settings files are not secret: set "
+            "SWITCHYARD_REDIS_PASSWORD or a file named by redis.password_file instead"
+        )
 
 
 def _split_override(key: str) -> tuple[str, str]:

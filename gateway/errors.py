@@ -35,7 +35,8 @@ headers an error needs (`Retry-After`, `WWW-Authenticate`, `X-RateLimit-*`) come
     │   ├── NotReady                     503 not_ready
     │   ├── FeatureStoreUnavailable      503 feature_store_unavailable
     │   ├── FeedbackUnavailable          503 feedback_store_unavailable
-    │   └── StreamUnavailable            503 log_store_unavailable (internal: triggers spooling)
+    │   ├── StreamUnavailable            503 log_store_unavailable (internal: triggers spooling)
+    │   └── ArchiveUnavailable           503 unavailable (prediction archive storage; CLI only)
     └── DeadlineExceeded                 504 deadline_exceeded  [ladder: deadline; server*]
 
 Traits, as class attributes, read by the layers instead of matching messages:
@@ -274,6 +275,11 @@ class StreamUnavailable(ServiceUnavailable):
     """Redis refused or timed out; the prediction log spools the batch instead."""
 
     default_code = "log_store_unavailable"
+
+
+class ArchiveUnavailable(ServiceUnavailable):
+    """The prediction archive's storage failed, or its fsspec protocol is not installed.
+    Never on the request path (the archiver CLI), so it keeps its parent's code."""
 
 
 class DeadlineExceeded(SwitchyardError):

@@ -51,6 +51,12 @@ class Metrics:
         self.shed = Counter(
             "shed_total", "Requests shed by admission control", ["backend"], registry=r
         )
+        self.hedges = Counter(
+            "hedges_total",
+            "Late calls a route hedged on another replica, by outcome (gateway/resilience/hedge)",
+            ["outcome"],
+            registry=r,
+        )
         self.route_reloads = Counter(
             "route_reloads_total", "Route table reloads by result", ["result"], registry=r
         )

@@ -24,8 +24,7 @@ from gateway.predlog.redaction import LogPolicies
 from gateway.predlog.redis_stream import StreamWriter
 from gateway.predlog.spool import Spool
 from gateway.predlog.writer import PredictionLog
-from gateway.redis_client import Client
-from gateway.redis_client import redis_client as make_client
+from gateway.redis_conn import Client, async_client
 from gateway.security.secrets import redaction_salt
 from gateway.triton_metrics import TritonMetricsScraper
 
@@ -38,11 +37,10 @@ def redis_client(settings: Settings) -> Client | None:
     r = settings.redis
     if not r.url:
         return None
-    return make_client(
-        r.url,
-        cluster=r.cluster,
-        connect_timeout_s=r.connect_timeout_s,
-        socket_timeout_s=r.socket_timeout_s,
+    return async_client(
+        r,
+        socket_connect_timeout=r.connect_timeout_s,
+        socket_timeout=r.socket_timeout_s,
         health_check_interval=30,
     )
 

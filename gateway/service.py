@@ -39,10 +39,10 @@ from gateway.errors import (
 from gateway.features import FeatureStore
 from gateway.metrics import Metrics
 from gateway.predlog.redaction import LogPolicies, LogPolicy
-from gateway.resilience.fallback import cache_keys
+from gateway.resilience.fallback import input_digests
 from gateway.routing.shadow import Primary, ShadowDispatcher
 from gateway.routing.table import Route, RouteTable, RouteTableRef
-from gateway.types import CallPolicy, Deadline, InferRequest, InferResponse, Target
+from gateway.types import CallPolicy, Deadline, InferRequest, InferResponse, Target, Tensor
 
 log = structlog.get_logger(__name__)
 
@@ -192,9 +192,14 @@ class InferenceService:
             self._policies[key] = found
         return found
 
-    def _priority(self, schema: ModelSchema | None, parameters: Mapping[str, Any]) -> int:
-        """The request's priority where the model's scheduler has levels (else 0: none)."""
+    def _priority(
+        self, schema: ModelSchema | None, parameters: Mapping[str, Any], route: Route | None
+    ) -> int:
+        """The request's priority (else its route's) where the model's scheduler has levels
+        (else 0: none is sent, and Triton uses the model's default)."""
         value = parameters.get("priority")
+        if value is None and route is not None:
+            value = route.priority
         if value is None or schema is None or not schema.priority_levels:
             return 0
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -314,7 +319,8 @@ class InferenceService:
             rows,
             first.request.request_id,
             policy=self._policy(table, first.route, target),
-            priority=self._priority(schema, first.request.context),
+            priority=self._priority(schema, first.request.context, first.route),
+            cache_keys=tuple(p.input_hash for p in group),  # the ladder hashes nothing again
         )
         try:
             resp = await self.stack.infer(request, deadline)
@@ -406,13 +412,6 @@ class InferenceService:
         children[1].inc()
 
     # -- tensors (/v2 REST and gRPC) -------------------------------------------------------
-    def resolve_version(self, model: str, version: str) -> str:
-        """The version an unversioned call would get without an entity: the champion's."""
-        if version:
-            return version
-        route = self.routes.current.routes.get(model)
-        return route.champion.version if route is not None else ""
-
     async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
         """An OIP tensor request through the same core as /v1: an unversioned call to a
         routed model takes the route (split sticky on parameters.entity_id, segment from
@@ -441,13 +440,18 @@ class InferenceService:
             arm = "explicit" if route is not None else "direct"
         schema = table.catalog.find(target.model, target.version) if target.version else None
         policy = self._policy(table, route, target) if route is not None else None
-        planned = dataclasses.replace(
-            request,
-            model=target.model,
-            version=target.version,
-            policy=policy,
-            priority=self._priority(schema, params),
-            batchable=schema is not None and schema.fits(request),
+        batchable = schema is not None and schema.fits(request)
+        planned = InferRequest(
+            target.model,
+            target.version,
+            request.inputs,
+            request.outputs,
+            request.request_id,
+            params,
+            self._priority(schema, params, route),
+            batchable,
+            policy,
+            input_digests(target.model, target.version, request.inputs, batchable),
         )
         name = route.name if route is not None else request.model
         try:
@@ -466,12 +470,12 @@ class InferenceService:
             self._shadow_tensors(route, planned, resp, name, target)
         parameters = {"request_id": request.request_id, "policy_version": policy_version or None,
                       "fallback_used": resp.fallback_used}  # fmt: skip
-        return dataclasses.replace(
-            resp,
-            model=request.model if route is not None else resp.model,
-            version=version,
-            request_id=request.request_id,
-            parameters={k: v for k, v in parameters.items() if v is not None},
+        return InferResponse(
+            request.model if route is not None else resp.model,
+            version,
+            resp.outputs,
+            request.request_id,
+            {k: v for k, v in parameters.items() if v is not None},
         )
 
     def _known(self, table: RouteTable, route: Route | None, request: InferRequest) -> Target:
@@ -512,7 +516,7 @@ class InferenceService:
             "version": version,
             "policy_version": policy_version,
             "arm": arm,
-            "input_hash": cache_keys(dataclasses.replace(request, batchable=False))[0],
+            "input_hash": _one_digest(request.cache_keys),
             "output": output,
             "fallback_used": resp.fallback_used,
             "latency_ms": round(latency_ms, 3),
@@ -553,10 +557,16 @@ class InferenceService:
 
 
 def input_hash(target: Target, row: np.ndarray) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(target).encode())
-    h.update(np.ascontiguousarray(row, dtype=np.float32).tobytes())
-    return h.hexdigest()
+    """A /v1 row's digest: the same as the ladder's cache key for that row."""
+    row = np.ascontiguousarray(row, dtype=np.float32)[np.newaxis]
+    return input_digests(target.model, target.version, (Tensor("", "FP32", row),), True)[0]
+
+
+def _one_digest(keys: Sequence[str]) -> str:
+    """The log's input_hash of a tensor request: its digest, or one over its rows'."""
+    if len(keys) == 1:
+        return keys[0]
+    return hashlib.blake2b("".join(keys).encode(), digest_size=16).hexdigest()
 
 
 def _first(v: Any) -> Any:

@@ -19,6 +19,7 @@ from gateway.api.grpc_server import grpc_serving
 from gateway.app import build_app
 from gateway.config import Settings
 from gateway.log import configure_logging
+from gateway.tls import rest_ssl_context
 
 log = structlog.get_logger(__name__)
 
@@ -60,14 +61,22 @@ def serve_one(
         return app
 
     def listening(_: str) -> None:
-        log.info("listening", host=settings.server.host, port=settings.server.port, pid=os.getpid())
+        log.info(
+            "listening",
+            host=settings.server.host,
+            port=settings.server.port,
+            tls=ssl_context is not None,
+            pid=os.getpid(),
+        )
         if on_listening is not None:
             on_listening()
 
+    ssl_context = rest_ssl_context(settings.server)  # TLS settings wrong: fail before binding
     web.run_app(
         make_app(),
         host=settings.server.host,
         port=settings.server.port,
+        ssl_context=ssl_context,
         access_log=None,
         shutdown_timeout=settings.server.shutdown_timeout_s,
         reuse_port=reuse_port or None,

@@ -109,3 +109,37 @@ class TritonMetricsScraper:
                         log.warning("triton_metrics_unreachable", url=self.url, error=str(exc))
                     self._failing = True
                 await asyncio.sleep(self.interval_s)
+
+
+# -- load per server, for the pool's routing (gateway/backends/load.py) --------------------
+
+_LOAD_WANTED = {
+    "nv_inference_pending_request_count": "pending",
+    "nv_inference_queue_duration_us": "queue_us",
+    "nv_inference_compute_infer_duration_us": "compute_us",
+    "nv_inference_request_success": "requests",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCounters:
+    """One server's load signals from one scrape, summed over its models. ``pending`` is a
+    gauge (requests queued in Triton now); the rest are cumulative counters."""
+
+    pending: float = 0.0
+    queue_us: float = 0.0
+    compute_us: float = 0.0
+    requests: float = 0.0
+
+
+def parse_server_counters(text: str) -> ServerCounters:
+    """A /metrics scrape -> the server's pending requests and duration counters."""
+    sums = dict.fromkeys(_LOAD_WANTED.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = _LOAD_WANTED.get(sample.name) or _LOAD_WANTED.get(
+                sample.name.removesuffix("_total")
+            )
+            if name is not None:
+                sums[name] += sample.value
+    return ServerCounters(**sums)

@@ -75,6 +75,17 @@ class Deadline:
 
 
 @dataclass(frozen=True, slots=True)
+class HedgeSpec:
+    """A route's hedging (route file ``hedge: {after: p95, max_ratio: 0.05}``): once the
+    target's rolling ``quantile`` (or a fixed ``after_ms``) passes without an answer, the Pool
+    sends a duplicate to another ready replica; at most ``max_ratio`` of requests hedge."""
+
+    quantile: float | None = 0.95
+    after_ms: float | None = None
+    max_ratio: float = 0.05
+
+
+@dataclass(frozen=True, slots=True)
 class CallPolicy:
     """What a route decides for every call it plans, as one value the layers below read.
 
@@ -89,6 +100,7 @@ class CallPolicy:
     default: Mapping[str, Any] | None = None  # the default rung: a static scalar answer
     response_cache_ttl_s: float = 0.0  # answer from the cache before the primary (off: 0)
     p99_ms: float | None = None  # the route's SLO: latency trigger and timeout floor
+    hedge: HedgeSpec | None = None  # the Pool hedges this route's calls (off: None)
 
     @property
     def has_ladder(self) -> bool:
@@ -111,6 +123,9 @@ class InferRequest:
     batchable: bool = False
     #: The route's policy (None: a model without a route, straight through).
     policy: CallPolicy | None = None
+    #: Input digests, computed once by the Service: one per row when rows are independent,
+    #: else one; the ladder's cache keys and the prediction log's input_hash.
+    cache_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -139,3 +139,11 @@ def redis_url() -> Iterator[str]:
     finally:
         client.flushdb()
         client.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_audit_to_the_developers_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLI commands under test (keys create, routes set-weight) would record to the audit
+    stream of configs/gateway.yaml's Redis (db 0) or to var/audit/ of the checkout; the audit
+    trail's own tests turn it back on with a stream and file of their own."""
+    monkeypatch.setenv("SWITCHYARD__AUDIT__ENABLED", "false")

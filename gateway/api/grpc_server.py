@@ -36,6 +36,7 @@ from gateway.security.authn import presented_key
 from gateway.security.guard import Guard
 from gateway.security.rest import GUARD
 from gateway.service import InferenceService
+from gateway.tls import grpc_server_credentials
 from gateway.types import Deadline
 
 log = structlog.get_logger(__name__)
@@ -236,9 +237,13 @@ def grpc_serving(
             InferenceServicer(app[SERVICE], limits, app.get(GUARD)), server
         )
         address = _address(server_settings.host, server_settings.grpc_port)
-        server.add_insecure_port(address)  # raises RuntimeError when it cannot bind
+        tls = grpc_server_credentials(server_settings)  # the REST listener's certificate
+        if tls is None:
+            server.add_insecure_port(address)  # raises RuntimeError when it cannot bind
+        else:
+            server.add_secure_port(address, tls)
         await server.start()
-        log.info("grpc_listening", address=address, pid=os.getpid())
+        log.info("grpc_listening", address=address, tls=tls is not None, pid=os.getpid())
         try:
             yield
         finally:

@@ -1,23 +1,33 @@
 """BackendPool: several named Triton servers behind the one Backend interface.
 
 InferenceService keeps talking to one Backend; the pool decides which server answers:
-the ready server serving the model with the fewest calls in flight, whose breaker for
-(server, model) lets the call through. A background health check drops a server that stops
-answering ``server_ready`` and brings it back when it does. Transient failures are retried
-(within budget and deadline) on another ready server when the pool has one, and every call
-holds an admission slot of its server, so overload is shed instead of queued.
+of two random ready servers serving the model (power of two choices), the less loaded
+(gateway/backends/load.py: Triton's queue and timings, scraped about every 250 ms, with this
+pool's in-flight count), whose breaker for (server, model) lets the call through;
+``routing="least_in_flight"`` keeps the older rule (fewest calls in flight). A background
+health check drops a server that stops answering ``server_ready`` and brings it back when it
+does. Transient failures are retried (within budget and deadline) on another ready server
+when the pool has one, every call holds an admission slot of its server, so overload is
+shed instead of queued, and a route that opts in hedges late calls (resilience/hedge.py).
+
+Members come and go at run time (`add_member`, `remove_member`; DNS discovery in
+gateway/backends/discovery.py): a member that leaves drains, taking no new calls while
+those in flight finish, and is closed after the last.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import structlog
 
 from gateway.backends.base import Backend, ModelControl
+from gateway.backends.load import ServerLoad, load_score
 from gateway.clock import Clock, monotonic
 from gateway.errors import (
     BackendUnavailable,
@@ -29,7 +39,9 @@ from gateway.errors import (
 from gateway.metrics import Metrics
 from gateway.resilience.admission import Admission, AdmissionLimits
 from gateway.resilience.breaker import BreakerPolicy, BreakerState, CircuitBreaker, Permit
+from gateway.resilience.hedge import Hedger
 from gateway.resilience.retry import Retrier, RetryBudget, RetryPolicy
+from gateway.triton_metrics import parse_server_counters
 from gateway.types import Deadline, InferRequest, InferResponse
 
 log = structlog.get_logger(__name__)
@@ -45,6 +57,10 @@ class PoolMember:
     ready: bool = True  # until the first health check says otherwise
     in_flight: int = 0
     breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
+    metrics_url: str = ""  # Triton's /metrics: load scraping (empty: in-flight only)
+    load: ServerLoad = field(default_factory=ServerLoad)
+    draining: bool = False  # left the pool: no new calls; closed after the last in flight
+    source: str = ""  # the discovery source that added it ("": configuration)
 
     def serves(self, model: str) -> bool:
         return not self.models or model in self.models
@@ -62,10 +78,20 @@ class BackendPool:
         clock: Clock = monotonic,
         retrier: Retrier | None = None,
         name: str = "pool",
+        routing: str = "load_aware",
+        rng: random.Random | None = None,
+        hedger: Hedger | None = None,
+        allow_empty: bool = False,  # members come from discovery later
     ) -> None:
+        if routing not in ("load_aware", "least_in_flight"):
+            raise ValueError(f"unknown routing {routing!r}: load_aware or least_in_flight")
         self.name = name
+        self.routing = routing
+        self.rng = rng or random.Random()
+        self.hedger = hedger or Hedger(clock, on_outcome=self._on_hedge)
+        self._closing: set[asyncio.Task[None]] = set()
         self.members = list(members)
-        if not self.members:
+        if not self.members and not allow_empty:
             raise ValueError("a BackendPool needs at least one server")
         self.breaker_policy = breaker_policy or BreakerPolicy()
         self.metrics = metrics
@@ -92,10 +118,66 @@ class BackendPool:
             tried.add(member.name)
             return await self._call(member, breaker, permit, request, deadline)
 
-        return await self.retrier.call(attempt, deadline)
+        spec = request.policy.hedge if request.policy is not None else None
+        if spec is None:
+            return await self.retrier.call(attempt, deadline)
+
+        def hedge() -> Any:  # one attempt, on a replica the first call has not tried
+            picked = self._pick_untried(request.model, tried)
+            if picked is None:
+                return None
+            tried.add(picked[0].name)
+            return self._call(*picked, request, deadline)
+
+        assert request.policy is not None
+        return await self.hedger.run(
+            spec,
+            request.policy.route,
+            (request.model, request.version),
+            lambda: self.retrier.call(attempt, deadline),
+            hedge,
+            deadline,
+        )
+
+    def _pick_untried(
+        self, model: str, tried: set[str]
+    ) -> tuple[PoolMember, CircuitBreaker, Permit] | None:
+        """A ready server not in ``tried`` whose breaker admits the call, or None."""
+        if not any(m.ready and not m.draining and m.name not in tried for m in self.members):
+            return None
+        try:
+            member, breaker, permit = self._pick(model, tried)
+        except (NoReadyServer, CircuitOpen):
+            return None
+        if member.name in tried:  # only tried servers would take it: no hedge
+            breaker.abandon(permit)
+            return None
+        return member, breaker, permit
+
+    def _order(self, ready: list[PoolMember], tried: set[str]) -> list[PoolMember]:
+        """Candidates in the order their breakers are asked: untried first (a retry goes
+        elsewhere); among those, the less loaded of two random picks, then the rest."""
+        if self.routing == "least_in_flight":
+            ready.sort(key=lambda m: (m.name in tried, m.in_flight))
+            return ready
+        fresh = [m for m in ready if m.name not in tried] or ready
+        if len(fresh) > 2:
+            fresh = self.rng.sample(fresh, 2)  # of two, a tie goes to the one listed first
+        default_s = self._typical_service_s()
+        fresh.sort(key=lambda m: load_score(m.load, m.in_flight, default_s))
+        rest = sorted(
+            (m for m in ready if m not in fresh),
+            key=lambda m: (m.name in tried, load_score(m.load, m.in_flight, default_s)),
+        )
+        return fresh + rest
+
+    def _typical_service_s(self) -> float:
+        """What an unmeasured member is charged: half the measured ones' mean (load.py)."""
+        known = [x for m in self.members if (x := m.load.service_s())]
+        return 0.5 * sum(known) / len(known) if known else 1.0
 
     def _pick(self, model: str, tried: set[str]) -> tuple[PoolMember, CircuitBreaker, Permit]:
-        serving = [m for m in self.members if m.serves(model)]
+        serving = [m for m in self.members if m.serves(model) and not m.draining]
         ready = [m for m in serving if m.ready]
         if not ready:
             raise NoReadyServer(
@@ -106,8 +188,8 @@ class BackendPool:
                     "reason": "no_ready_server",
                 },
             )
-        if len(ready) > 1:  # untried servers first (a retry goes elsewhere), then least busy
-            ready.sort(key=lambda m: (m.name in tried, m.in_flight))
+        if len(ready) > 1:
+            ready = self._order(ready, tried)
         for member in ready:
             breaker = self.breaker(member, model)
             permit = breaker.acquire()
@@ -154,9 +236,15 @@ class BackendPool:
                     ):
                         breaker.record_failure(permit)
                         outcome_recorded = True
+                        member.load.observe(self.clock() - started, self.clock())
                     raise
-                breaker.record_success(permit, self.clock() - started)
+                now = self.clock()
+                elapsed = now - started
+                breaker.record_success(permit, elapsed)
+                member.load.observe(elapsed, now)
                 outcome_recorded = True
+                if request.policy is not None and request.policy.hedge is not None:
+                    self.hedger.record((request.model, request.version), elapsed)
                 return resp
             finally:
                 admission.release(member.name)
@@ -164,6 +252,8 @@ class BackendPool:
             member.in_flight -= 1
             if not outcome_recorded:
                 breaker.abandon(permit)  # shed, or cancelled: says nothing of the server
+            if member.draining and member.in_flight == 0:
+                self._retire(member)
 
     def breaker(self, member: PoolMember, model: str) -> CircuitBreaker:
         b = member.breakers.get(model)
@@ -190,6 +280,64 @@ class BackendPool:
         if self.metrics is not None:
             self.metrics.shed.labels(backend).inc()
 
+    def _on_hedge(self, outcome: str) -> None:
+        log.debug("backend_hedge", outcome=outcome)
+        if self.metrics is not None:
+            self.metrics.hedges.labels(outcome).inc()
+
+    # -- membership ------------------------------------------------------------------------
+    def add_member(self, member: PoolMember) -> None:
+        """Join the pool at once. A name already present is kept (its backend too): one that
+        was draining takes calls again."""
+        for present in self.members:
+            if present.name == member.name:
+                if present.draining:
+                    log.info("server_undrained", server=member.name)
+                    present.draining = False
+                return
+        log.info("server_added", server=member.name, source=member.source or "config")
+        self.members.append(member)
+
+    def remove_member(self, name: str) -> None:
+        """Drain a member: no new calls; it is closed once its calls in flight finish."""
+        for member in self.members:
+            if member.name == name and not member.draining:
+                log.info("server_draining", server=name, in_flight=member.in_flight)
+                member.draining = True
+                if member.in_flight == 0:
+                    self._retire(member)
+
+    def _retire(self, member: PoolMember) -> None:
+        if member in self.members:
+            self.members.remove(member)
+            log.info("server_removed", server=member.name)
+            task = asyncio.get_running_loop().create_task(member.backend.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    # -- load ------------------------------------------------------------------------------
+    async def scrape_load(self, session: aiohttp.ClientSession, timeout_s: float) -> None:
+        """Read every member's Triton /metrics once, at the same time."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+        async def scrape(member: PoolMember) -> None:
+            try:
+                async with session.get(member.metrics_url, timeout=timeout) as resp:
+                    resp.raise_for_status()
+                    text = await resp.text()
+                member.load.update(parse_server_counters(text))
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                member.load.fail()
+
+        await asyncio.gather(*(scrape(m) for m in list(self.members) if m.metrics_url))
+
+    async def run_load_scrapes(self, interval_s: float, timeout_s: float) -> None:
+        """Background task: `scrape_load` every ``interval_s`` until cancelled."""
+        async with aiohttp.ClientSession() as session:
+            while True:
+                await self.scrape_load(session, timeout_s)
+                await asyncio.sleep(interval_s)
+
     # -- health ----------------------------------------------------------------------------
     async def check_health(self, timeout_s: float) -> dict[str, bool]:
         """Ask every server ``server_ready`` at once; update which are in rotation."""
@@ -200,8 +348,9 @@ class BackendPool:
             except SwitchyardError:
                 return False
 
-        results = await asyncio.gather(*(probe(m) for m in self.members))
-        for member, ok in zip(self.members, results, strict=True):
+        members = list(self.members)  # membership may change while the probes are out
+        results = await asyncio.gather(*(probe(m) for m in members))
+        for member, ok in zip(members, results, strict=True):
             if ok != member.ready:
                 log.warning("server_" + ("ready" if ok else "unready"), server=member.name)
                 member.ready = ok
@@ -222,6 +371,8 @@ class BackendPool:
             m.name: {
                 "ready": m.ready,
                 "in_flight": m.in_flight,
+                "draining": m.draining,
+                "load": load_score(m.load, m.in_flight, self._typical_service_s()),
                 "breakers": {model: b.state.name.lower() for model, b in m.breakers.items()},
             }
             for m in self.members
@@ -288,7 +439,7 @@ class BackendPool:
                 await member.backend.unload_model(model, timeout_s)
 
     async def close(self) -> None:
-        await asyncio.gather(*(m.backend.close() for m in self.members))
+        await asyncio.gather(*(m.backend.close() for m in self.members), *self._closing)
 
 
 def _control(backend: Backend) -> ModelControl:

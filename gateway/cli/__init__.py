@@ -8,6 +8,7 @@ Subcommands:
   serve   run the gateway against an already running Triton
   up      the local stack of ``make run``: tritonserver, then the gateway, in one process
   keys    create, list and revoke API keys (gateway/security)
+  audit   tail the audit trail of route, weight and key changes (gateway/audit.py)
 
 Gateway modules are imported inside the subcommands that need them, so ``triton`` works on
 its own and ``--help`` stays fast.
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.cli.keys import add_keys_parser
 
     add_keys_parser(sub)  # keys create|list|revoke: the API key file (auth.keys_file)
+    from gateway.cli.audit import add_audit_parser
+
+    add_audit_parser(sub)  # audit tail: who changed routes, weights and keys (gateway/audit.py)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""CLI subcommands over the Redis data: `labels join` and `features load FILE.csv`.
+"""CLI subcommands over the Redis data: `labels join`, `features load FILE.csv` and
+`predlog archive` (the prediction streams as Parquet: gateway/archive, docs/archive.md).
 
 Registered by `gateway.__main__`; imported lazily there, like every other subcommand.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,7 +25,35 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _common(join)
     join.add_argument("--model", action="append", default=[], help="only these models")
     join.add_argument("--window-s", type=float, default=None, help="only the last N seconds")
+    join.add_argument(
+        "--source",
+        choices=("redis", "archive"),
+        default="redis",
+        help="read the predictions from the Redis streams or the Parquet archive (DuckDB); "
+        "labels come from Redis either way",
+    )
+    join.add_argument(
+        "--archive", default=None, help="archive dir or fsspec URL (--source archive)"
+    )
     join.set_defaults(handler=cmd_labels_join)
+
+    predlog = sub.add_parser("predlog", help="the prediction log: archive the streams as Parquet")
+    psub = predlog.add_subparsers(dest="predlog_command", required=True, metavar="ACTION")
+    arch = psub.add_parser(
+        "archive", help="stream entries -> Parquet by model and date, exactly once; retention"
+    )
+    _common(arch)
+    arch.add_argument("--once", action="store_true", help="one run, then exit (the CronJob)")
+    arch.add_argument("--out", default=None, help="archive dir or fsspec URL (archive.url/dir)")
+    arch.add_argument("--model", action="append", default=[], help="only these models")
+    arch.add_argument("--batch-size", type=int, default=None, help="override archive.batch_size")
+    arch.add_argument(
+        "--retention", action="store_true", help="only apply retention (delete old partitions)"
+    )
+    arch.add_argument("--no-retention", action="store_true", help="archive, delete nothing")
+    # Tests: stop (hang until killed) once N files are renamed into place, before their XACK.
+    arch.add_argument("--hang-after-files", type=int, default=0, help=argparse.SUPPRESS)
+    arch.set_defaults(handler=cmd_predlog_archive)
 
     features = sub.add_parser("features", help="online feature store")
     fsub = features.add_subparsers(dest="features_command", required=True, metavar="ACTION")
@@ -65,9 +95,19 @@ def cmd_labels_join(args: argparse.Namespace) -> int:
         assert client is not None
         try:
             prefix = settings.predlog.stream_prefix
-            streams = [f"{prefix}:{m}" for m in args.model] or await model_streams(client, prefix)
             fb = settings.feedback
             labels = LabelStore(client, fb.label_prefix, fb.label_ttl_s)
+            if args.source == "archive":
+                from gateway.archive.query import ArchiveReader, join_labels_archive
+                from gateway.archive.store import ArchiveStore
+
+                reader = ArchiveReader(ArchiveStore(_archive_location(settings, args.archive)))
+                try:
+                    report = await join_labels_archive(reader, labels, args.model, args.window_s)
+                finally:
+                    reader.close()
+                return report.to_dict()
+            streams = [f"{prefix}:{m}" for m in args.model] or await model_streams(client, prefix)
             return (await join_labels(client, labels, streams, args.window_s)).to_dict()
         finally:
             await client.aclose()
@@ -106,4 +146,83 @@ def cmd_features_load(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"loaded {n} entities into {settings.features.key_prefix}:{args.feature_set}:*")
+    return 0
+
+
+def _archive_location(settings: Settings, out: str | None) -> str:
+    return out or settings.archive.url or str(settings.archive.dir)
+
+
+def cmd_predlog_archive(args: argparse.Namespace) -> int:
+    import threading
+
+    import structlog
+
+    from gateway.archive.run import RunOptions, archive_run
+    from gateway.archive.store import ArchiveStore
+    from gateway.log import configure_logging
+    from gateway.observability import redis_client
+    from gateway.predlog.feedback import LabelStore
+
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    a = settings.archive
+    batch_size = args.batch_size or a.batch_size
+    if batch_size < 1:
+        print("error: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    configure_logging(settings.log.level, settings.log.json)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: report
+    log = structlog.get_logger("gateway.archive")
+    options = RunOptions(
+        prefix=settings.predlog.stream_prefix,
+        models=tuple(args.model),
+        group=a.group,
+        consumer=a.consumer,
+        batch_size=batch_size,
+        trim_keep_s=a.trim_keep_s,
+        retention=None
+        if args.no_retention
+        else (a.inputs_retention_days, a.aggregates_retention_days),
+        archive=not args.retention,
+    )
+
+    def hang(files: int) -> None:
+        if args.hang_after_files and files >= args.hang_after_files:
+            print(f"hanging after {files} files (--hang-after-files)", file=sys.stderr, flush=True)
+            threading.Event().wait()
+
+    async def once() -> dict[str, object]:
+        store = ArchiveStore(_archive_location(settings, args.out))
+        r = dataclasses.replace(settings.redis, socket_timeout_s=a.socket_timeout_s)
+        client = redis_client(dataclasses.replace(settings, redis=r))
+        assert client is not None
+        try:
+            fb = settings.feedback
+            labels = (
+                LabelStore(client, fb.label_prefix, fb.label_ttl_s) if a.aggregate_labels else None
+            )
+            return await archive_run(client, store, options, labels, after_file=hang)
+        finally:
+            await client.aclose()
+
+    async def forever() -> None:
+        while True:
+            try:
+                report = await once()
+                log.info("archive_run_done", rows=report["rows_written"])
+            except SwitchyardError as exc:
+                log.error("archive_run_failed", error=exc.message)
+            await asyncio.sleep(a.interval_s)
+
+    try:
+        if not args.once:
+            asyncio.run(forever())
+            return 0
+        report = asyncio.run(once())
+    except SwitchyardError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0

@@ -70,6 +70,27 @@ def _keys_file(args: argparse.Namespace) -> Path:
     return load_settings(args.config if args.config.exists() else None).auth.keys_file
 
 
+def _record(
+    args: argparse.Namespace, action: str, key_id: str, old: KeyRecord | None, new: KeyRecord | None
+) -> None:
+    """The audit trail (gateway/audit.py): the key's settings, never the key or its hash."""
+    from gateway.audit import AuditLog
+    from gateway.config import load_settings
+
+    audit = AuditLog.from_settings(load_settings(args.config if args.config.exists() else None))
+    if audit is not None:
+        audit.record(
+            action, key_id, _public(old), _public(new), detail={"keys_file": str(_keys_file(args))}
+        )
+        audit.close()
+
+
+def _public(record: KeyRecord | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {k: v for k, v in record.to_dict().items() if k != "sha256"}
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[KeyFile]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +125,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             # Validate exactly as the gateway will before the file changes under it.
             parse_key_file(updated.to_dict(), str(path))
             write_key_file(path, updated)
+            _record(args, "key.create", key_id, None, record)  # before the key: it stays last
     except KeyFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -139,6 +161,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
                 return 1
             kept = tuple(k for k in current.keys if k.id != args.key_id)
             write_key_file(path, dataclasses.replace(current, keys=kept))
+            _record(args, "key.revoke", args.key_id, current.get(args.key_id), None)
     except KeyFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

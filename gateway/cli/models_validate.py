@@ -49,6 +49,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from gateway.registry.report import write_report
     from gateway.registry.validate import NOT_RUN, Thresholds, validate
     from gateway.routing.table import RouteError
+    from gateway.tls import triton_channel_credentials
 
     repo, routes_dir = paths(args)
     settings = load_settings(args.config if args.config.exists() else None)
@@ -64,7 +65,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     thresholds = Thresholds(metric_margin=args.metric_margin, probes=args.probes)
 
     async def run() -> dict[str, Any]:
-        backend = TritonBackend(url)
+        t = settings.triton  # TLS as the gateway's own channels (triton.tls_*)
+        backend = TritonBackend(url, None, triton_channel_credentials(t), t.tls_server_name)
         try:
             return await validate(repo, args.model, args.version, route, backend, thresholds)
         finally:

@@ -31,6 +31,7 @@ def add_promote_parser(sub: Any) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    from gateway.audit import AuditLog
     from gateway.catalog import ModelCatalog
     from gateway.config import ConfigError, load_settings
     from gateway.errors import SwitchyardError
@@ -67,6 +68,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
             catalog=ModelCatalog.load(repo) if repo.is_dir() else None,
             dry_run=args.dry_run,
             validation=ValidationGate(repo) if settings.routing.require_validation else None,
+            audit=AuditLog.from_settings(settings, via="rollout-controller"),
         )
         try:
             if args.interval is not None:

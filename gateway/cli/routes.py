@@ -60,6 +60,14 @@ def _validation(args: argparse.Namespace) -> Any:
     return ValidationGate(routing.model_repository) if routing.require_validation else None
 
 
+def _audit(args: argparse.Namespace) -> Any:
+    """The audit log (gateway/audit.py): who set which weight, from what."""
+    from gateway.audit import AuditLog
+    from gateway.config import load_settings
+
+    return AuditLog.from_settings(load_settings(args.config if args.config.exists() else None))
+
+
 def _catalog(repo: Path | None) -> Any:
     from gateway.catalog import ModelCatalog
 
@@ -108,6 +116,7 @@ def cmd_set_weight(args: argparse.Namespace) -> int:
             args.target,
             _catalog(repo),
             validation=_validation(args),
+            audit=_audit(args),
         )
     except RouteError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -31,6 +31,7 @@ class PredictionCache:
         max_entries: int = 10_000,
         redis_url: str = "",
         redis_timeout_s: float = 0.02,
+        redis_options: Mapping[str, Any] | None = None,  # gateway.redis_conn: password, TLS
         redis_cluster: bool = False,
         key_prefix: str = "switchyard:pred:",
         clock: Clock = monotonic,
@@ -43,23 +44,25 @@ class PredictionCache:
         self.max_pending_writes = max_pending_writes
         # Least recently used first out, each entry with its own TTL (cachetools: the
         # (ttl, answer) value's ttl sets its expiry at insertion, on the injected clock).
-        self._lru: TLRUCache[str, tuple[float, CachedAnswer]] = TLRUCache(
+        # Entries: (ttl, answer, expires_at).
+        self._lru: TLRUCache[str, tuple[float, CachedAnswer, float]] = TLRUCache(
             maxsize=max_entries, ttu=lambda _key, entry, now: now + entry[0], timer=clock
         )
         self._pending: dict[str, tuple[float, CachedAnswer]] = {}
         self._redis: Any = None
         self._redis_down_logged = False
         if redis_url:
-            from gateway.redis_client import redis_client
+            from gateway.redis_conn import client_from_url
 
-            self._redis = redis_client(
+            self._redis = client_from_url(
                 redis_url,
                 cluster=redis_cluster,
-                connect_timeout_s=redis_timeout_s,
-                socket_timeout_s=redis_timeout_s,
+                socket_connect_timeout=redis_timeout_s,
+                socket_timeout=redis_timeout_s,
                 # No retry: a slow Redis must not stall the rung (a cluster client has no
                 # such option; its retries follow MOVED/ASK, bounded by the socket timeout).
                 **({} if redis_cluster else {"retry_on_timeout": False}),
+                **(redis_options or {}),
             )
 
     # -- reads -----------------------------------------------------------------------------
@@ -81,14 +84,32 @@ class PredictionCache:
         value = orjson.loads(raw)
         return value if isinstance(value, dict) else None
 
+    def fresh(self, key: str, model: str, version: str, ttl_s: float) -> bool:
+        """Whether this model version's answer for ``key`` is held with over half of a
+        ``ttl_s`` still to run (then storing it again would only cost a Redis write)."""
+        hit = self._lru.get(key)
+        return (
+            hit is not None
+            and hit[2] - self.clock() > ttl_s / 2
+            and hit[1].get("version") == version
+            and hit[1].get("model") == model
+        )
+
     # -- writes ----------------------------------------------------------------------------
     def put(self, key: str, value: Mapping[str, Any], ttl_s: float) -> None:
         """Store in the LRU now; queue for Redis (written by `flush`)."""
         if ttl_s <= 0:
             return
+        now = self.clock()
+        hit = self._lru.get(key)
+        if hit is not None and hit[2] - now > ttl_s / 2 and hit[1] == value:
+            # The same answer, still fresh for over half its TTL (a deterministic model's
+            # hot input): neither the LRU nor Redis needs it again. Saves a Redis SET per
+            # repeated answer; the entry is refreshed once its TTL is half spent.
+            return
         value = dict(value)
-        self._lru[key] = (ttl_s, value)
-        entry = (self.clock() + ttl_s, value)
+        self._lru[key] = (ttl_s, value, now + ttl_s)
+        entry = (now + ttl_s, value)
         if self._redis is not None and len(self._pending) < self.max_pending_writes:
             self._pending[key] = entry
 

@@ -113,17 +113,27 @@ class LatencyTrigger:
         return False
 
 
-def cache_keys(request: InferRequest) -> list[str]:
-    """The cache keys of a request: one per row when rows are independent, else one."""
-    if request.batchable and len(request.inputs) == 1:
-        prefix = f"{request.model}@{request.version}".encode()
-        rows = np.ascontiguousarray(request.inputs[0].data)
-        return [_digest(prefix, row.tobytes()) for row in rows]
-    h = hashlib.blake2b(f"{request.model}@{request.version}".encode(), digest_size=16)
-    for t in request.inputs:
+def cache_keys(request: InferRequest) -> tuple[str, ...]:
+    """The cache keys of a request (the Service's, when it computed them)."""
+    return request.cache_keys or input_digests(
+        request.model, request.version, request.inputs, request.batchable
+    )
+
+
+def input_digests(
+    model: str, version: str, inputs: Sequence[Tensor], batchable: bool
+) -> tuple[str, ...]:
+    """One digest per row when rows are independent (blake2b of ``model@version`` and the
+    row's bytes: /v1 and /v2 agree for the same row), else one over every input."""
+    if batchable and len(inputs) == 1:
+        prefix = f"{model}@{version}".encode()
+        rows = np.ascontiguousarray(inputs[0].data)
+        return tuple(_digest(prefix, row.tobytes()) for row in rows)
+    h = hashlib.blake2b(f"{model}@{version}".encode(), digest_size=16)
+    for t in inputs:
         h.update(t.name.encode() + b"\0" + t.datatype.encode() + str(t.shape).encode())
         h.update(to_bytes(t))
-    return [h.hexdigest()]
+    return (h.hexdigest(),)
 
 
 def _digest(prefix: bytes, data: bytes) -> str:
@@ -159,7 +169,7 @@ class FallbackLadder:
         route = request.policy
         if route is None:  # a model without a route: no ladder, nothing cached
             return await self.inner.infer(request, deadline)
-        keys: list[str] | None = None
+        keys: Sequence[str] | None = None
         if route.response_cache_ttl_s > 0:  # deterministic models only, per route
             keys = cache_keys(request)
             hit = await self._from_cache(request, keys, deadline.remaining() / 4)
@@ -216,7 +226,7 @@ class FallbackLadder:
 
     # -- the rungs -------------------------------------------------------------------------
     async def _rescue(
-        self, request: InferRequest, keys: list[str] | None, deadline: Deadline, reason: str
+        self, request: InferRequest, keys: Sequence[str] | None, deadline: Deadline, reason: str
     ) -> InferResponse | None:
         """Walk the ladder; the first rung that answers every row wins. None: none did."""
         route = request.policy
@@ -263,6 +273,8 @@ class FallbackLadder:
     ) -> None:
         per_row = len(keys) > 1 or request.batchable
         for i, key in enumerate(keys):
+            if self.cache.fresh(key, resp.model, resp.version, ttl):
+                continue  # this version's answer to this input is cached and fresh
             outputs = {
                 name: [t.datatype, *_unit(t.data[i] if per_row else t.data)]
                 for name, t in resp.outputs.items()

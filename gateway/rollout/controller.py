@@ -79,6 +79,7 @@ class RolloutController:
         wall: Callable[[], float] = time.time,
         dry_run: bool = False,
         validation: Any = None,
+        audit: Any = None,  # gateway.audit.AuditLog: each applied weight change is recorded
     ) -> None:
         self.client = client
         self.labels = labels
@@ -90,6 +91,7 @@ class RolloutController:
         self.wall = wall
         self.dry_run = dry_run
         self.validation = validation  # ValidationGate: no step up without a passing report
+        self.audit = audit
         self.log = structlog.get_logger("gateway.rollout")
 
     async def evaluate_once(self, model: str) -> Evaluation:
@@ -131,6 +133,7 @@ class RolloutController:
                     challenger.target.model,
                     self.catalog,
                     validation=self.validation,
+                    audit=self.audit,
                 )
                 applied = True
         evaluation = Evaluation(

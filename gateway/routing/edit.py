@@ -21,11 +21,13 @@ def set_weight(
     target: str | None = None,
     catalog: Any = None,
     validation: Any = None,
+    audit: Any = None,
 ) -> Path:
     """Rewrite the route file of ``model`` with the challenger's new weight; return its path.
 
     ``validation`` (a `gateway.registry.report.ValidationGate`) refuses a weight above 0 for a
-    version without a passing report; 0 (a rollback) is always allowed."""
+    version without a passing report; 0 (a rollback) is always allowed. ``audit`` (a
+    `gateway.audit.AuditLog`) records the change, old weight and new, once it is written."""
     from ruamel.yaml import YAML
 
     from gateway.routing.table import RouteError, check_targets, parse_route
@@ -54,6 +56,7 @@ def set_weight(
         from gateway.routing.table import Target
 
         validation.require([Target(str(matches[0].get("target")), version)])
+    old = matches[0].get("weight")
     matches[0]["weight"] = int(weight) if float(weight).is_integer() else weight
     out = io.StringIO()
     yaml.dump(doc, out)
@@ -62,6 +65,14 @@ def set_weight(
     if catalog is not None:
         check_targets(route, catalog)
     _atomic_write(path, content)
+    if audit is not None:
+        audit.record(
+            "route.set_weight",
+            f"{model}/{matches[0].get('target')}@{version}",
+            None if old is None else float(old),
+            float(weight),
+            detail={"route_file": str(path)},
+        )
     return path
 
 

@@ -21,11 +21,12 @@ import yaml
 from gateway.catalog import ModelCatalog
 from gateway.errors import ModelNotFound
 from gateway.routing.split import BUCKETS, Arm, Split, sticky_salt
-from gateway.types import CallPolicy, Target
+from gateway.types import CallPolicy, HedgeSpec, Target
 
 __all__ = ["Route", "RouteError", "RouteTable", "RouteTableRef", "Target", "load_route_table"]
 
-_KEYS = {"model", "champion", "challengers", "segments", "shadow", "fallback", "slo", "cache"}
+_KEYS = {"model", "champion", "challengers", "segments", "shadow", "fallback", "slo", "cache",
+         "priority", "hedge"}  # fmt: skip
 _TARGET_KEYS = {"target", "version"}
 
 
@@ -84,6 +85,10 @@ class Route:
     shadows: tuple[Shadow, ...] = ()
     #: Response cache (deterministic models only): a hit answers without the primary.
     response_cache_ttl_s: float = 0.0
+    #: Triton priority level of this route's requests unless a request names its own
+    #: (parameters.priority / context.priority); used where the model has priority levels.
+    priority: int | None = None
+    hedge: HedgeSpec | None = None
 
     @property
     def policy(self) -> CallPolicy:
@@ -96,6 +101,7 @@ class Route:
             default=self.fallback.default,
             response_cache_ttl_s=self.response_cache_ttl_s,
             p99_ms=self.slo.p99_ms,
+            hedge=self.hedge,
         )
 
     def deadline_ms(self, factor: float) -> float | None:
@@ -260,7 +266,29 @@ def parse_route(content: bytes, source: str, sticky_secret: str = "") -> Route:
         segments=tuple(_segment(doc, s, i) for i, s in enumerate(_list(doc, data, "segments"))),
         shadows=tuple(_shadow(doc, s, i) for i, s in enumerate(_list(doc, data, "shadow"))),
         response_cache_ttl_s=_cache(doc, data.get("cache")),
+        priority=int(_number(doc, data, "priority", (), 1, 1e6)) if "priority" in data else None,
+        hedge=_hedge(doc, data.get("hedge")),
     )
+
+
+def _hedge(doc: _Doc, value: Any) -> HedgeSpec | None:
+    """``hedge: {after: p95 | <ms>, max_ratio: 0.05}``; absent: no hedging."""
+    if value is None:
+        return None
+    path: Path_ = ("hedge",)
+    m = _mapping(doc, value, path, {"after", "max_ratio"})
+    after = m.get("after", "p95")
+    quantile, after_ms = None, None
+    if isinstance(after, str) and after.startswith("p") and after[1:].isdigit():
+        quantile = int(after[1:]) / 100.0
+        if not 0.5 <= quantile < 1.0:
+            raise doc.error((*path, "after"), "a quantile from p50 to p99")
+    elif isinstance(after, int | float) and not isinstance(after, bool):
+        after_ms = _number(doc, m, "after", path, 0.1, 1e9)
+    else:
+        raise doc.error((*path, "after"), "expected p50..p99 or milliseconds")
+    ratio = _number(doc, m, "max_ratio", path, 0, 1) if "max_ratio" in m else 0.05
+    return HedgeSpec(quantile=quantile, after_ms=after_ms, max_ratio=ratio)
 
 
 def _cache(doc: _Doc, value: Any) -> float:

@@ -15,7 +15,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 
 from gateway.config import ConfigError, Settings
-from gateway.redis_client import redis_client
+from gateway.redis_conn import async_client
 from gateway.security.authn import Authenticator
 from gateway.security.guard import Guard
 from gateway.security.keys import KeyFile, KeyFileError, TenantLimit, tenant_limit
@@ -61,11 +61,10 @@ def build_security(settings: Settings, registry: CollectorRegistry | None = None
         log.warning("auth_no_keys", keys_file=str(a.keys_file), effect="every request gets 401")
     client = None
     if settings.redis.url:
-        client = redis_client(
-            settings.redis.url,
-            cluster=settings.redis.cluster,
-            connect_timeout_s=a.ratelimit_timeout_s,
-            socket_timeout_s=a.ratelimit_timeout_s,
+        client = async_client(
+            settings.redis,
+            socket_connect_timeout=a.ratelimit_timeout_s,
+            socket_timeout=a.ratelimit_timeout_s,
         )
     limiter = RateLimiter(
         client,

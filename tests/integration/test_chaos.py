@@ -223,7 +223,8 @@ async def test_hung_primary_requests_meet_their_deadline_via_fallback(stack: Sta
     finally:
         os.killpg(pgid, signal.SIGCONT)
     assert [r.status for r in results if r.status != 200] == []
-    assert all(r.body["fallback_used"] == "fallback_model" for r in results)
+    rungs = Counter(r.body["fallback_used"] for r in results)
+    assert set(rungs) == {"fallback_model"}, rungs
     assert {r.body["model_version"] for r in results} == {"1"}  # risk_distilled's version
     # the gateway's own measure stays inside the deadline; the client's adds its own queueing
     assert max(r.body["latency_ms"] for r in results) <= deadline_ms

@@ -1,4 +1,4 @@
-"""OIP /v2 through the one core, with the stock client, a real tritonserver and real Redis:
+"""OIP through the one core, REST and gRPC with stock clients, real Triton and real Redis:
 `risk` with an entity is split as its route says and sticky, and every answer is logged
 exactly once with its version and policy_version."""
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import redis
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from sklearn.datasets import load_breast_cancer
 
@@ -54,6 +55,22 @@ def test_v2_risk_with_an_entity_is_split_sticky_and_logged_once(
             assert body["parameters"]["policy_version"] == route.policy_version
             assert "fallback_used" not in body["parameters"]
             answers[rid] = (entity, body["model_version"])
+        # The same over the OIP gRPC front door: the entity in the request's parameters.
+        grpc = grpcclient.InferenceServerClient(gw.grpc_url)
+        try:
+            for i in range(40):
+                entity = f"user-{i % 60}"
+                inp = grpcclient.InferInput("features", [1, 30], "FP32")
+                inp.set_data_from_numpy(ROWS[i % 50 : i % 50 + 1])
+                rid = f"core-grpc-{i}"
+                res = grpc.infer("risk", [inp], request_id=rid, parameters={"entity_id": entity})
+                reply = res.get_response()
+                want, _ = route.choose(entity, {}, None)  # type: ignore[arg-type]
+                assert reply.model_version == want.version
+                assert reply.parameters["policy_version"].string_param == route.policy_version
+                answers[rid] = (entity, reply.model_version)
+        finally:
+            grpc.close()
         versions = {v for _, v in answers.values()}
         by_entity: dict[str, set[str]] = {}
         for entity, version in answers.values():

@@ -25,8 +25,9 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def container_ports(svc: dict[str, Any]) -> set[int]:
-    """Ports a service listens on: its published container ports and --*-port= flags."""
+    """Ports a service listens on: published or exposed container ports, --*-port= flags."""
     ports = {int(str(p).split(":")[-1].split("/")[0]) for p in svc.get("ports", [])}
+    ports |= {int(str(p).split("/")[0]) for p in svc.get("expose", [])}
     for arg in svc.get("command", []) or []:
         m = re.fullmatch(r"--[a-z-]*port=(\d+)", str(arg))
         if m:
@@ -158,3 +159,33 @@ def test_make_run_binds_loopback_and_the_container_binds_every_interface(compose
     volumes = services(compose)["gateway"]["volumes"]
     assert any(v.endswith(":" + str(container.auth.keys_file.parent)) for v in volumes)
     assert "ENV SWITCHYARD__SERVER__HOST=0.0.0.0" in (ROOT / "Dockerfile").read_text()
+
+
+def test_only_the_gateway_and_grafana_are_published(compose) -> None:
+    """Triton's ports (model control: anyone could unload models), Redis and Prometheus stay
+    inside the compose network."""
+    svcs = services(compose)
+    assert {name for name, svc in svcs.items() if svc.get("ports")} == {"gateway", "grafana"}
+    for name in ("triton", "triton-fallback"):
+        assert {8000, 8001, 8002} <= container_ports(svcs[name]), name
+
+
+def _mounts(svc: dict[str, Any]) -> dict[str, str]:
+    """Container path -> volume name (or host path) of each mount."""
+    return {v.split(":")[1]: v.split(":")[0] for v in svc.get("volumes", [])}
+
+
+def test_redis_requires_the_password_the_gateway_reads_from_a_file(compose) -> None:
+    svcs = services(compose)
+    redis, gateway = svcs["redis"], svcs["gateway"]
+    script = "\n".join(map(str, redis["command"]))
+    assert "requirepass" in script and "redis-server" in script
+    assert "REDISCLI_AUTH" in redis["healthcheck"]["test"][1]  # the probe authenticates too
+    env = {k: str(v) for k, v in gateway["environment"].items()}
+    settings = load_settings(ROOT / "configs" / "gateway.yaml", env=env, base_dir=ROOT)
+    secret = settings.redis.password_file
+    assert secret is not None and str(secret) in script  # the file redis-server reads
+    directory = str(secret.parent)
+    assert _mounts(redis)[directory] == _mounts(gateway)[directory]  # one volume, shared
+    assert any(v.endswith(f"{directory}:ro") for v in gateway["volumes"])  # read-only there
+    assert "@" not in settings.redis.url  # no password in the url

@@ -298,3 +298,34 @@ def test_route_policy_is_what_the_layers_below_read(tmp_path: Path) -> None:
         "decision": "review",
     }
     assert route.deadline_ms(2.0) == 200  # the SLO's p99 drives the default deadline
+
+
+async def test_priority_reaches_the_backend_only_where_the_model_has_levels(
+    tmp_path: Path, aiohttp_client: Any, primary: FakeBackend, small: FakeBackend
+) -> None:
+    """A request's priority (else its route's) is sent where the model's config defines
+    priority levels, capped at the highest level; elsewhere none is sent."""
+    settings = write_repo(tmp_path, "priority: 2\n")
+    repo = settings.routing.model_repository
+    (repo / "toy" / "config.pbtxt").write_text(
+        'name: "toy"\ndynamic_batching { priority_levels: 3 default_priority_level: 3 }\n'
+    )
+    write_small_model(repo)
+    pool = BackendPool(
+        [
+            PoolMember("primary", primary, frozenset({"toy"})),
+            PoolMember("fallback", small, frozenset({"toy_small"})),
+        ]
+    )
+    app = build_app(settings, backend=pool)
+    client = await aiohttp_client(app)
+    for params, want in [({}, 2), ({"priority": 1}, 1), ({"priority": 9}, 3)]:
+        status, body = await v2(client, v2_body([[1, 2, 3]], **params))
+        assert status == 200, body
+        assert primary.calls[-1].priority == want
+    status, body = await v2(
+        client, v2_body([[1, 2, 3]], priority=1), "/v2/models/toy_small/versions/1/infer"
+    )
+    assert status == 200 and small.calls[-1].priority == 0  # no levels: nothing sent
+    status, body = await v2(client, v2_body([[1, 2, 3]], priority="high"))
+    assert status == 400 and body["code"] == "invalid_parameter"

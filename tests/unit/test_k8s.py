@@ -35,7 +35,7 @@ GPU_OVERLAYS = ("gpu-dedicated", "gpu-shared")
 #: topologySpreadConstraints.matchLabelKeys).
 K8S_VERSION = "1.31.0"
 NAMESPACE = "switchyard"
-WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "CronJob")
 #: Triton's own endpoints the manifests probe (Triton is not this repo's code).
 TRITON_PATHS = {"/v2/health/live", "/v2/health/ready"}
 SECRET_VALUE = "0123abcd"  # stands in for secretKeyRef values when expanding $(VAR)
@@ -82,11 +82,18 @@ def one(objs: list[Obj], kind: str, name: str) -> Obj:
     return obj
 
 
+def template_of(workload: Obj) -> Obj:
+    """A workload's pod template (a CronJob's sits in its job template)."""
+    if workload["kind"] == "CronJob":
+        return workload["spec"]["jobTemplate"]["spec"]["template"]
+    return workload["spec"]["template"]
+
+
 def pod_specs(objs: list[Obj]) -> Iterator[tuple[Obj, Obj]]:
-    """(workload, pod template) for every Deployment, StatefulSet and DaemonSet."""
+    """(workload, pod template) for every Deployment, StatefulSet, DaemonSet and CronJob."""
     for o in objs:
         if o["kind"] in WORKLOADS:
-            yield o, o["spec"]["template"]
+            yield o, template_of(o)
 
 
 def containers(template: Obj, init: bool = True) -> list[Obj]:
@@ -96,7 +103,7 @@ def containers(template: Obj, init: bool = True) -> list[Obj]:
 
 def container(objs: list[Obj], workload: str, name: str) -> Obj:
     (dep,) = [o for o in objs if o["kind"] in WORKLOADS and o["metadata"]["name"] == workload]
-    (c,) = [c for c in containers(dep["spec"]["template"]) if c["name"] == name]
+    (c,) = [c for c in containers(template_of(dep)) if c["name"] == name]
     return c
 
 
@@ -135,7 +142,9 @@ def settings_of(c: Obj) -> Settings:
     """The Settings a gateway container starts with: the image's config file (the repo's:
     the Dockerfile copies configs/) under the container's SWITCHYARD__* env."""
     command = c["command"]
-    assert command[:4] == ["python", "-m", "gateway", "serve"], command
+    assert command[:4] == ["python", "-m", "gateway", "serve"] or command[:5] == [
+        "python", "-m", "gateway", "predlog", "archive",
+    ], command  # fmt: skip
     config = command[command.index("--config") + 1]
     env = {k: v for k, v in expanded_env(c).items() if k.startswith("SWITCHYARD__")}
     if "auth" not in {f for f in Settings.__dataclass_fields__}:
@@ -269,7 +278,7 @@ def test_every_switchyard_env_var_parses_into_settings(rendered) -> None:
                 if any(n.startswith("SWITCHYARD__") for n in names):
                     settings_of(c)  # raises ConfigError on an unknown key or a bad value
                     checked += 1
-    assert checked == len(OVERLAYS)  # the gateway's, in each overlay
+    assert checked == 2 * len(OVERLAYS)  # the gateway's and the archiver's, in each overlay
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -307,9 +316,9 @@ def test_gateway_drains_before_it_stops(rendered) -> None:
 
 def test_gateway_pods_are_hardened_and_spread(rendered) -> None:
     objs = rendered["cpu"]
-    for name in ("gateway", "triton", "triton-fallback", "redis", "prometheus"):
+    for name in ("gateway", "triton", "triton-fallback", "redis", "prometheus", "archiver"):
         (workload,) = [o for o in objs if o["kind"] in WORKLOADS and o["metadata"]["name"] == name]
-        template = workload["spec"]["template"]
+        template = template_of(workload)
         assert template["spec"]["securityContext"]["runAsNonRoot"] is True, name
         for c in containers(template):
             sc = c["securityContext"]
@@ -470,10 +479,14 @@ def test_network_policies_let_only_the_gateway_reach_triton_and_redis(rendered) 
                             for n, t in pods.items()
                             if selects(peer["podSelector"], t["metadata"]["labels"])
                         }
-                        # Prometheus may scrape Triton's metrics port; nothing else gets in.
-                        assert admitted in ({"gateway"}, {"prometheus"}), f"{target}: {admitted}"
+                        # Prometheus may scrape Triton's metrics port, the archiver read
+                        # Redis; nothing else gets in.
+                        allowed = ({"gateway"}, {"prometheus"}, {"archiver"})
+                        assert admitted in allowed, f"{target}: {admitted}"
                         if admitted == {"prometheus"}:
                             assert ports == {8002}, f"{target}: Prometheus beyond metrics"
+                        if admitted == {"archiver"}:
+                            assert (target, ports) == ("redis", {6379}), f"archiver: {target}"
 
 
 def test_redis_password_comes_from_a_secret(rendered) -> None:
@@ -651,3 +664,34 @@ def test_gpu_shared_runs_triton_under_an_mps_control_daemon(rendered) -> None:
     # Triton lands only where the daemon runs.
     node = tpl["spec"]["nodeSelector"]
     assert dtpl["spec"]["nodeSelector"].items() <= node.items()
+
+
+# -- the prediction archive ------------------------------------------------------------------
+
+
+def test_archiver_cronjob_runs_the_archive_command_once_on_its_volume(rendered) -> None:
+    from gateway.cli import build_parser
+
+    for overlay, objs in rendered.items():
+        cron = one(objs, "CronJob", "archiver")["spec"]
+        assert cron["concurrencyPolicy"] == "Forbid", overlay  # one consumer at a time
+        c = container(objs, "archiver", "archiver")
+        assert c["image"] == container(objs, "gateway", "gateway")["image"]
+        args = build_parser().parse_args(c["command"][3:])  # the real CLI takes the command
+        assert args.handler.__name__ == "cmd_predlog_archive" and args.once
+        s = settings_of(c)
+        gw = gateway_settings(objs)
+        assert s.redis.url == gw.redis.url
+        assert s.predlog.stream_prefix == gw.predlog.stream_prefix
+        m = re.fullmatch(r"redis://:[^@]*@([\w.-]+):(\d+)/\d+", s.redis.url)
+        assert m, s.redis.url
+        service_port(objs, m.group(1), int(m.group(2)))
+        # The archive directory is a writable mount of the archive's claim.
+        template = template_of(one(objs, "CronJob", "archiver"))
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        mount = mounts[str(s.archive.dir)]
+        assert not mount.get("readOnly", False)
+        (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
+        claim = volume["persistentVolumeClaim"]["claimName"]
+        assert find(objs, "PersistentVolumeClaim", claim), claim
+        assert template["spec"]["restartPolicy"] in ("Never", "OnFailure")

@@ -109,7 +109,7 @@ async def test_routes_show_arms_live_weights_and_requests(tmp_path: Path, aiohtt
     assert route["policy_version"] == answers[0]["policy_version"]
     assert view["servers"] is None  # a bare FakeBackend: no pool, no breakers
     assert view["drift"] == {"enabled": False, "top": []}
-    assert view["audit"] == {"enabled": False, "columns": [], "entries": []}
+    assert view["audit"] == {"enabled": True, "columns": [], "entries": []}  # on, no changes yet
     assert view["fallback"] == {"total": 0, "by_rung": []}
     json.dumps(view)  # plain data: the JSON endpoint serves it as is
 
