@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from gateway.clock import Clock, monotonic
 from gateway.errors import ClientError, DeadlineExceeded, FeatureStoreUnavailable, ValidationFailed
 from gateway.metrics import Metrics
-from gateway.redis_conn import Client, is_cluster
+from gateway.redis_kind import Client, is_cluster
 from gateway.types import Deadline
 
 Features = dict[str, float]

@@ -22,12 +22,11 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.config import RedisSettings
+from gateway.redis_kind import Client, is_cluster
 from gateway.security.secrets import read_secret
 
 PASSWORD_ENV = "SWITCHYARD_REDIS_PASSWORD"
-
-#: An asyncio client of either kind; both offer the same commands, pipelines and scripts.
-Client = Any
+__all__ = ["Client", "async_client", "client_from_url", "is_cluster", "sync_client"]
 
 
 def redis_password(r: RedisSettings, env: Mapping[str, str] | None = None) -> str | None:
@@ -57,10 +56,6 @@ def client_from_url(url: str, *, cluster: bool = False, **kwargs: Any) -> Client
     if cluster:
         return RedisCluster.from_url(url, **kwargs)
     return aioredis.Redis.from_url(url, **kwargs)
-
-
-def is_cluster(client: object) -> bool:
-    return isinstance(client, RedisCluster)
 
 
 def sync_client(r: RedisSettings, **kwargs: Any) -> redis.Redis:

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from gateway.errors import FeedbackUnavailable, LabelConflict, UnknownRequestId
 from gateway.predlog.redis_stream import answered_key, decode_fields
-from gateway.redis_conn import Client, is_cluster
+from gateway.redis_kind import Client, is_cluster
 
 Label = str | int | float | bool
 

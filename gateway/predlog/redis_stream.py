@@ -35,7 +35,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from gateway.errors import StreamUnavailable
-from gateway.redis_conn import Client, is_cluster
+from gateway.redis_kind import Client, is_cluster
 
 #: Where an entry sits in the spool: (segment id, line number from 1); ("", 0): nowhere.
 Position = tuple[str, int]

@@ -27,7 +27,7 @@ from gateway.predlog.feedback import LabelStore, join_labels, model_streams
 from gateway.predlog.redis_stream import StreamWriter, decode_fields
 from gateway.predlog.spool import Spool
 from gateway.predlog.writer import PredictionLog
-from gateway.redis_conn import is_cluster
+from gateway.redis_kind import is_cluster
 from gateway.resilience.cache import PredictionCache
 from gateway.security.authn import Principal
 from gateway.security.ratelimit import RateLimiter
