@@ -81,6 +81,7 @@ def build_app(
         redis_url=settings.redis.url,
         redis_options=redis_options(settings.redis),
         redis_timeout_s=res.cache_redis_timeout_s,
+        redis_cluster=settings.redis.cluster,
         clock=clock,
     )
     # The request path, bottom up: pool (admission, breaker, retry) <- coalescer <- ladder;

@@ -157,6 +157,9 @@ class RedisSettings:
     password_file: Path | None = None
     #: rediss:// with a private CA: its certificate (default: the system's trust store).
     tls_ca_file: Path | None = None
+    #: `url` is one node of a Redis Cluster: every client is a RedisCluster (hash-tagged keys,
+    #: single-slot scripts).
+    cluster: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,13 +172,19 @@ class PredlogSettings:
     stream_prefix: str = "predictions"
     #: Approximate stream length kept per model (XADD MAXLEN ~); 0 keeps everything.
     maxlen: int = 1_000_000
-    #: How long a request_id is remembered to make spool replays idempotent.
+    #: Unused since the high-water-mark dedupe (kept so old configs still parse).
     dedupe_ttl_s: int = 86_400
     retry_interval_s: float = 1.0
     segment_bytes: int = 16 << 20
     #: With Redis, the spool is a write-ahead log: a segment this old is sealed, then deleted
     #: once all its entries are confirmed in Redis.
     segment_max_age_s: float = 1.0
+    #: Keep a confirmed segment this long before deleting it, then check that Redis still has
+    #: its entries (its high-water marks) and replay it if not: covers a Redis crash that loses
+    #: its last `appendfsync everysec` second. 0: delete once confirmed.
+    keep_confirmed_s: float = 0.0
+    #: Look for segments of dead siblings (same spool_dir) this often while Redis is healthy.
+    orphan_scan_interval_s: float = 1.0
     #: Share of entries that carry the full (redacted) input payload.
     sample_rate: float = 0.0
     #: Key for hashing redacted fields, so low-entropy ids cannot be looked up by brute force.

@@ -13,13 +13,13 @@ import csv
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from cachetools import TTLCache
 from redis.exceptions import RedisError
 
 from gateway.clock import Clock, monotonic
 from gateway.errors import ClientError, DeadlineExceeded, FeatureStoreUnavailable, ValidationFailed
 from gateway.metrics import Metrics
+from gateway.redis_kind import Client, is_cluster
 from gateway.types import Deadline
 
 Features = dict[str, float]
@@ -28,7 +28,7 @@ Features = dict[str, float]
 class FeatureStore:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         metrics: Metrics | None = None,
         key_prefix: str = "features",
         timeout_ms: float = 20.0,
@@ -145,7 +145,7 @@ def read_feature_csv(
 
 
 async def load_features(
-    client: aioredis.Redis,
+    client: Client,
     feature_set: str,
     rows: Iterable[tuple[str, Features]],
     key_prefix: str = "features",
@@ -156,7 +156,8 @@ async def load_features(
     pending: list[tuple[str, Features]] = []
 
     async def flush() -> None:
-        async with client.pipeline(transaction=True) as pipe:
+        # One transaction on one Redis; a cluster spreads entities over slots (no transaction).
+        async with client.pipeline(transaction=not is_cluster(client)) as pipe:
             for entity, values in pending:
                 key = f"{key_prefix}:{feature_set}:{entity}"
                 pipe.delete(key)

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
 import structlog
 
 from gateway.clock import Clock, monotonic
@@ -25,15 +24,16 @@ from gateway.predlog.redaction import LogPolicies
 from gateway.predlog.redis_stream import StreamWriter
 from gateway.predlog.spool import Spool
 from gateway.predlog.writer import PredictionLog
-from gateway.redis_conn import async_client
+from gateway.redis_conn import Client, async_client
 from gateway.security.secrets import redaction_salt
 from gateway.triton_metrics import TritonMetricsScraper
 
 log = structlog.get_logger(__name__)
 
 
-def redis_client(settings: Settings) -> aioredis.Redis | None:
-    """A pooled client (connects lazily), or None when `redis.url` is empty."""
+def redis_client(settings: Settings) -> Client | None:
+    """A pooled client or a cluster client (connects lazily), or None when `redis.url` is
+    empty."""
     r = settings.redis
     if not r.url:
         return None
@@ -51,7 +51,7 @@ class Observability:
     metrics: Metrics
     predlog: PredictionLog
     policies: LogPolicies
-    redis: aioredis.Redis | None = None
+    redis: Client | None = None
     features: FeatureStore | None = None
     labels: LabelStore | None = None
     scraper: TritonMetricsScraper | None = None
@@ -128,7 +128,7 @@ def build_observability(
     fb = settings.feedback
     answered = fb.answered_prefix if fb.require_answered else None  # feedback integrity
     writer = (
-        StreamWriter(client, p.stream_prefix, p.maxlen, p.dedupe_ttl_s, answered, fb.answered_ttl_s)
+        StreamWriter(client, p.stream_prefix, p.maxlen, answered, fb.answered_ttl_s)
         if client
         else None
     )
@@ -140,6 +140,7 @@ def build_observability(
             p.fsync,
             p.segment_bytes,
             max_age_s=p.segment_max_age_s if writer is not None else 0.0,
+            keep_confirmed_s=p.keep_confirmed_s if writer is not None else 0.0,
         ),
         metrics=metrics,
         writer=writer,
@@ -147,6 +148,7 @@ def build_observability(
         batch_size=p.batch_size,
         flush_interval_s=p.flush_interval_s,
         retry_interval_s=p.retry_interval_s,
+        orphan_scan_interval_s=p.orphan_scan_interval_s,
         clock=clock,
     )
     obs = Observability(settings, metrics, predlog, log_policies(settings), redis=client)

@@ -1,7 +1,10 @@
 """Redis connection options from settings: the password and TLS, never from the YAML.
 
-Every Redis client of the gateway (prediction log, cache, rate limiter, CLI) is built with
-these options, so one place decides how the gateway authenticates. The password comes from
+Every Redis client of the gateway (prediction log, feedback, features, cache, rate limiter,
+CLI) is built here, so one place decides how the gateway authenticates and whether it talks
+to one Redis or to a Redis Cluster (`redis.cluster`: a `RedisCluster`, which routes each
+command by its key's slot; the keys one script touches share a hash tag, and the few multi-key
+reads ask `is_cluster`). The password comes from
 the environment (`SWITCHYARD_REDIS_PASSWORD`: a compose or Kubernetes secret) or from the
 file `redis.password_file` names; a password inside `redis.url` is refused when the settings
 load (gateway/config.py), because settings files are committed and logged. `rediss://` urls
@@ -16,11 +19,14 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.config import RedisSettings
+from gateway.redis_kind import Client, is_cluster
 from gateway.security.secrets import read_secret
 
 PASSWORD_ENV = "SWITCHYARD_REDIS_PASSWORD"
+__all__ = ["Client", "async_client", "client_from_url", "is_cluster", "sync_client"]
 
 
 def redis_password(r: RedisSettings, env: Mapping[str, str] | None = None) -> str | None:
@@ -40,9 +46,16 @@ def redis_options(r: RedisSettings, env: Mapping[str, str] | None = None) -> dic
     return options
 
 
-def async_client(r: RedisSettings, **kwargs: Any) -> aioredis.Redis:
-    """A pooled asyncio client (connects lazily) with the password and TLS options."""
-    return aioredis.Redis.from_url(r.url, **redis_options(r), **kwargs)
+def async_client(r: RedisSettings, **kwargs: Any) -> Client:
+    """A pooled asyncio client (connects lazily) with the password and TLS options: a
+    `RedisCluster` seeded by `r.url` when `r.cluster`."""
+    return client_from_url(r.url, cluster=r.cluster, **redis_options(r), **kwargs)
+
+
+def client_from_url(url: str, *, cluster: bool = False, **kwargs: Any) -> Client:
+    if cluster:
+        return RedisCluster.from_url(url, **kwargs)
+    return aioredis.Redis.from_url(url, **kwargs)
 
 
 def sync_client(r: RedisSettings, **kwargs: Any) -> redis.Redis:

@@ -2,7 +2,9 @@
 
 `POST /v1/feedback` puts `label:<request_id>` (with a TTL), write-once: one Lua script checks
 that the request id was answered (the prediction log's `answered:<request_id>` marker, see
-redis_stream) and sets the label only if none is there, else returns the one that is. The
+redis_stream) and sets the label only if none is there, else returns the one that is. On a
+Redis Cluster the marker lives in another slot, so it is checked just before the script (a
+marker is never deleted, only expires, so the split check answers the same). The
 same label again is idempotent; a different one is a conflict, so nobody can rewrite ground
 truth after the fact. The stored value records who wrote it:
 `{"label": ..., "by": <key id or "anonymous">, "ts": <unix s>}`. The join reads each model's stream
@@ -20,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.errors import FeedbackUnavailable, LabelConflict, UnknownRequestId
 from gateway.predlog.redis_stream import answered_key, decode_fields
+from gateway.redis_kind import Client, is_cluster
 
 Label = str | int | float | bool
 
@@ -42,7 +44,7 @@ class LabelStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         prefix: str = "label",
         ttl_s: int = 30 * 86_400,
         answered_prefix: str | None = None,
@@ -62,11 +64,18 @@ class LabelStore:
         """Store the label once; True if stored now, False if the same label was there.
         Raises UnknownRequestId (404) or LabelConflict (409)."""
         keys = [self.key(request_id)]
-        if self.answered_prefix:
-            keys.append(answered_key(self.answered_prefix, request_id))
+        marker = answered_key(self.answered_prefix, request_id) if self.answered_prefix else None
         value = orjson.dumps({"label": label, "by": by, "ts": round(self.wall(), 3)})
         try:
-            reply = await self._put_once(keys=keys, args=[value, self.ttl_s])
+            if marker is not None and is_cluster(self.client):  # another slot: check first
+                if await self.client.exists(marker):
+                    reply = await self._put_once(keys=keys, args=[value, self.ttl_s])
+                else:
+                    reply = [0]
+            else:
+                if marker is not None:
+                    keys.append(marker)
+                reply = await self._put_once(keys=keys, args=[value, self.ttl_s])
         except (RedisError, OSError) as exc:
             raise FeedbackUnavailable(f"label store unreachable: {exc}") from exc
         if reply[0] == 0:
@@ -88,7 +97,11 @@ class LabelStore:
         if not request_ids:
             return []
         try:
-            raw = await self.client.mget([self.key(r) for r in request_ids])
+            keys = [self.key(r) for r in request_ids]
+            if is_cluster(self.client):  # keys of many slots: one MGET per slot
+                raw = await self.client.mget_nonatomic(keys)
+            else:
+                raw = await self.client.mget(keys)
         except (RedisError, OSError) as exc:
             raise FeedbackUnavailable(f"label store unreachable: {exc}") from exc
         return [None if v is None else decode_label(v) for v in raw]
@@ -162,7 +175,7 @@ class JoinReport:
 
 
 async def join_labels(
-    client: aioredis.Redis,
+    client: Client,
     labels: LabelStore,
     streams: Iterable[str],
     window_s: float | None = None,
@@ -200,7 +213,7 @@ async def join_labels(
     return JoinReport(arms, seen)
 
 
-async def model_streams(client: aioredis.Redis, prefix: str) -> list[str]:
+async def model_streams(client: Client, prefix: str) -> list[str]:
     """The prediction streams present (one per model), excluding dedupe keys."""
     out = []
     try:

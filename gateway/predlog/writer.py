@@ -3,17 +3,22 @@
     record() --1. os.write--> Spool segment (write-ahead: survives a process crash at once)
              --2. enqueue---> EntryBuffer --(batch full or flush interval)--> StreamWriter
                                                                             (Redis)
-    segment sealed (size/age) and settled: all confirmed -> deleted
+    segment sealed (size/age) and settled: all confirmed -> deleted (its marks forgotten)
+                                                         or kept keep_confirmed_s, re-checked
                                            else (Redis down, buffer full) -> replayed
 
 `record` never waits on the network: one unbuffered append to the page cache (a few µs) and
 an in-memory enqueue. Without Redis configured the spool is the log itself. While Redis is
 down, batches are not retried from memory: their entries already sit in the spool, and a
 probe runs every `retry_interval_s`; once it answers, the unlocked segments are replayed
-(claimed one by one, removed only after all their entries are in Redis). On start the segments
-of a process that died (SIGKILL, OOM) are replayed the same way; the writer's per-request_id
-dedupe makes every replay, even of entries that had reached Redis, exactly-once. `close`
-drains the buffer and unlocks whatever is not confirmed.
+(claimed one by one, removed only after all their entries are in Redis). On start, and every
+`orphan_scan_interval_s` while Redis is healthy, the unlocked segments of a process that died
+(SIGKILL, OOM; this one or a sibling sharing the directory) are replayed the same way; the
+stream's high-water mark per (segment, line) makes every replay, even of entries that had
+reached Redis, exactly-once. That needs a segment's lines to reach Redis in order, so at its
+first entry that misses the fast path (a failed batch, a full buffer) a segment leaves the fast
+path for good: it is rotated and replayed whole. `close` drains the buffer and unlocks
+whatever is not confirmed.
 """
 
 from __future__ import annotations
@@ -30,14 +35,14 @@ from gateway.clock import Clock, monotonic
 from gateway.errors import StreamUnavailable
 from gateway.metrics import Metrics
 from gateway.predlog.buffer import Entry, EntryBuffer
-from gateway.predlog.redis_stream import StreamWriter
-from gateway.predlog.spool import Segment, Spool
+from gateway.predlog.redis_stream import NO_POSITION, Position, StreamWriter
+from gateway.predlog.spool import Segment, Spool, segment_id
 
 log = structlog.get_logger(__name__)
 
 #: An entry on its way to Redis, with the spool segment that holds it (None: the spool was
-#: unwritable, so memory is its only copy).
-Pending = tuple[Segment | None, Entry]
+#: unwritable, so memory is its only copy) and its line there.
+Pending = tuple[Segment | None, int, Entry]
 
 
 class PredictionLog:
@@ -51,6 +56,7 @@ class PredictionLog:
         batch_size: int = 500,
         flush_interval_s: float = 0.05,
         retry_interval_s: float = 1.0,
+        orphan_scan_interval_s: float = 1.0,
         clock: Clock = monotonic,
     ) -> None:
         self.spool = spool
@@ -59,6 +65,8 @@ class PredictionLog:
         self.buffer: EntryBuffer[Pending] = EntryBuffer(buffer_size, batch_size)
         self.flush_interval_s = flush_interval_s
         self.retry_interval_s = retry_interval_s
+        self.orphan_scan_interval_s = orphan_scan_interval_s
+        self._next_orphan_scan = 0.0
         self.clock = clock
         self.healthy = writer is not None
         self._next_probe = 0.0
@@ -71,6 +79,7 @@ class PredictionLog:
         self._to_spool_count = metrics.predlog_entries.labels(sink="spool")
         self._buffer_full = metrics.predlog_spooled.labels(reason="buffer_full")
         self._no_redis = metrics.predlog_spooled.labels(reason="no_redis")
+        self._replay_only = metrics.predlog_spooled.labels(reason="redis_down")
         self._spool_error = metrics.predlog_dropped.labels(reason="spool_error")
 
     # -- request path ------------------------------------------------------------------------
@@ -83,13 +92,18 @@ class PredictionLog:
             self._to_spool_count.inc()
             self._no_redis.inc()
             return
-        if self.buffer.offer((seg, entry)):
+        if seg is not None and seg.failed:  # this segment goes by replay only
+            self.spool.pending += 1
+            (self._buffer_full if self.healthy else self._replay_only).inc()
+            return
+        if self.buffer.offer((seg, seg.written if seg is not None else 0, entry)):
             if seg is not None:
                 seg.inflight += 1
             return
         if seg is None:
             self._spool_error.inc()
             return
+        seg.fail(seg.written)  # later lines must not overtake this one into Redis
         self.spool.pending += 1  # on disk only: its segment is replayed once sealed
         self._buffer_full.inc()
 
@@ -125,6 +139,9 @@ class PredictionLog:
             self.spool.close()
         except OSError as exc:
             log.error("predlog_spool_close_failed", error=str(exc))
+        if self.writer is not None and self.healthy:
+            with contextlib.suppress(StreamUnavailable):  # a leftover field, not an entry
+                await self._forget_deleted()
         self._update_lag()
 
     def lag(self) -> int:
@@ -153,9 +170,17 @@ class PredictionLog:
         if not batch:
             return
         assert self.writer is not None, "nothing is buffered without Redis"
+        held = [p for p in batch if p[0] is not None and p[0].holds(p[1])]
+        if held:  # past their segment's first failed line: they go by replay
+            self._settle(held, confirmed=False)
+            batch = [p for p in batch if p[0] is None or not p[0].holds(p[1])]
+            if not batch:
+                return
         if self.healthy:
             try:
-                added = await self.writer.write([e for _, e in batch])
+                added = await self.writer.write(
+                    [e for _, _, e in batch], [_position(seg, line) for seg, line, _ in batch]
+                )
             except StreamUnavailable as exc:
                 self._mark_down(exc)
             except Exception:  # a bug, say: the entries stay spooled for a later replay
@@ -168,20 +193,21 @@ class PredictionLog:
                 self._settle(batch, confirmed=True)
                 return
         self._settle(batch, confirmed=False)
-        spooled = sum(1 for seg, _ in batch if seg is not None)
+        spooled = sum(1 for seg, _, _ in batch if seg is not None)
         self.metrics.predlog_spooled.labels(reason="redis_down").inc(spooled)
         if spooled < len(batch):
             self._spool_error.inc(len(batch) - spooled)
 
     def _settle(self, batch: list[Pending], confirmed: bool) -> None:
         """Count the batch against its segments; sealed ones with nothing in flight go."""
-        for seg, _ in batch:
+        for seg, line, _ in batch:
             if seg is None:
                 continue
             seg.inflight -= 1
             if confirmed:
                 seg.acked += 1
             else:
+                seg.fail(line)
                 self.spool.pending += 1
         self._collect(self.spool.collect)
 
@@ -198,17 +224,55 @@ class PredictionLog:
             self.healthy = True
             self._replay_needed = True
             log.info("predlog_redis_back")
+        await self._upkeep()
+        if not self.healthy:
+            return
         if self.spool.released > self._released_seen:
             self._released_seen = self.spool.released
             self._replay_needed = True
+        now = self.clock()
         if self._replay_needed and not self._closing:
             self._replay_needed = False
+            self._next_orphan_scan = now + self.orphan_scan_interval_s
             await self.replay()
+        elif self.orphan_scan_interval_s > 0 and now >= self._next_orphan_scan:
+            # A sibling that died leaves unlocked segments: claim and replay them while Redis
+            # stays healthy (our own active and settling segments are locked, so skipped).
+            self._next_orphan_scan = now + self.orphan_scan_interval_s
+            await self.replay(seal=False)
 
-    async def replay(self) -> int:
+    async def _upkeep(self) -> None:
+        """Forget the marks of deleted segments; re-check kept ones whose time is up."""
+        assert self.writer is not None
+        try:
+            await self._forget_deleted()
+            for seg in self.spool.kept_due():
+                marks = await self.writer.marks(seg.id, seg.last)
+                if all(marks[m] >= line for m, line in seg.last.items()):
+                    self.spool.drop(seg)
+                else:  # Redis lost what it had acked (a crash inside its fsync window)
+                    log.warning("predlog_redis_lost_entries", segment=seg.id)
+                    self.spool.release(seg)
+        except StreamUnavailable as exc:
+            self._mark_down(exc)
+        except OSError as exc:
+            log.error("predlog_spool_upkeep_failed", error=str(exc))
+
+    async def _forget_deleted(self) -> None:
+        assert self.writer is not None
+        deleted, self.spool.deleted = self.spool.deleted, []
+        for n, seg in enumerate(deleted):
+            try:
+                await self.writer.forget(seg.id, seg.last)
+            except StreamUnavailable:
+                self.spool.deleted[:0] = deleted[n:]  # next time
+                raise
+
+    async def replay(self, seal: bool = True) -> int:
         """Send every claimable spool segment to Redis; stops at the first failure."""
         assert self.writer is not None
-        self._collect(self.spool.seal)  # our own active segment settles and becomes replayable
+        if seal:  # our own active segment settles and becomes replayable
+            self._collect(self.spool.seal)
         total = 0
         try:
             for path in self.spool.segments():
@@ -222,17 +286,25 @@ class PredictionLog:
     async def _replay_segment(self, path: Path) -> int:
         assert self.writer is not None
         added_total = 0
-        with self.spool.claim(path) as entries:
-            if entries is None:
+        seg = segment_id(path)
+        models: set[str] = set()
+        with self.spool.claim_lines(path) as lines:
+            if lines is None:
                 return 0
             size = self.buffer.batch_size
-            for i in range(0, len(entries), size):
-                chunk = entries[i : i + size]
-                added = await self.writer.write(chunk)  # raises: the segment is kept
+            for i in range(0, len(lines), size):
+                chunk = lines[i : i + size]
+                entries = [e for _, e in chunk]
+                models.update(str(e.get("model") or "unknown") for e in entries)
+                # raises: the segment is kept
+                added = await self.writer.write(entries, [(seg, n) for n, _ in chunk])
                 self.metrics.predlog_replayed.inc(added)
                 self.metrics.predlog_entries.labels(sink="redis").inc(added)
                 added_total += added
                 self.spool.pending = max(0, self.spool.pending - len(chunk))
+        # Unlinked: nothing replays it again, so its marks can go (a failure leaves a field).
+        with contextlib.suppress(StreamUnavailable):
+            await self.writer.forget(seg, models)
         return added_total
 
     # -- helpers -----------------------------------------------------------------------------
@@ -261,3 +333,7 @@ class PredictionLog:
 
     def _update_lag(self) -> None:
         self.metrics.predlog_lag.set(self.lag())
+
+
+def _position(seg: Segment | None, line: int) -> Position:
+    return NO_POSITION if seg is None else (seg.id, line)

@@ -32,6 +32,7 @@ class PredictionCache:
         redis_url: str = "",
         redis_timeout_s: float = 0.02,
         redis_options: Mapping[str, Any] | None = None,  # gateway.redis_conn: password, TLS
+        redis_cluster: bool = False,
         key_prefix: str = "switchyard:pred:",
         clock: Clock = monotonic,
         max_pending_writes: int = 10_000,
@@ -51,13 +52,16 @@ class PredictionCache:
         self._redis: Any = None
         self._redis_down_logged = False
         if redis_url:
-            import redis.asyncio as aioredis
+            from gateway.redis_conn import client_from_url
 
-            self._redis = aioredis.Redis.from_url(
+            self._redis = client_from_url(
                 redis_url,
+                cluster=redis_cluster,
                 socket_connect_timeout=redis_timeout_s,
                 socket_timeout=redis_timeout_s,
-                retry_on_timeout=False,
+                # No retry: a slow Redis must not stall the rung (a cluster client has no
+                # such option; its retries follow MOVED/ASK, bounded by the socket timeout).
+                **({} if redis_cluster else {"retry_on_timeout": False}),
                 **(redis_options or {}),
             )
 

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from gateway.metrics import Metrics
 from gateway.predlog.redis_stream import StreamWriter, decode_fields
-from gateway.predlog.spool import Spool
+from gateway.predlog.spool import Spool, segment_id
 from gateway.predlog.writer import PredictionLog
 from gateway.tritonserver import TritonServer, free_port
 from tests.conftest import unavailable
@@ -113,6 +113,16 @@ def spooled(spool_dir: Path) -> list[dict]:
     ]
 
 
+def spooled_lines(spool_dir: Path) -> list[tuple[tuple[str, int], dict]]:
+    """Every spooled entry with its position (segment id, line): what a replay sends."""
+    return [
+        ((segment_id(f), n), json.loads(line))
+        for f in sorted(spool_dir.glob("*.jsonl"))
+        for n, line in enumerate(f.read_text().splitlines(), 1)
+        if line.strip()
+    ]
+
+
 def poll_drained(gw: GatewayProcess, url: str, n: int, what: str) -> None:
     """Wait until the stream holds at least n entries and the gateway's spool is empty."""
     poll(lambda: len(stream_entries(url)) >= n and not spooled(gw.spool_dir), 20, what)
@@ -135,12 +145,17 @@ def entry(i: int) -> dict:
     }  # fmt: skip
 
 
-async def test_writes_are_idempotent_per_request_id(redis_url: str) -> None:
+async def test_writes_are_idempotent_per_segment_line(redis_url: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
     writer = StreamWriter(client, maxlen=0)
+    at = [("seg-a", i + 1) for i in range(15)]
     try:
-        assert await writer.write([entry(i) for i in range(10)]) == 10
-        assert await writer.write([entry(i) for i in range(5, 15)]) == 5  # 5..9 are known
+        assert await writer.write([entry(i) for i in range(10)], at[:10]) == 10
+        assert await writer.write([entry(i) for i in range(5, 15)], at[5:]) == 5  # 6..10 known
+        marks = await client.hgetall(writer.marks_key("risk"))
+        assert marks == {b"seg-a": b"15"}  # one field per live segment, not a key per entry
+        await writer.forget("seg-a", ["risk"])
+        assert await client.exists(writer.marks_key("risk")) == 0
     finally:
         await client.aclose()
     got = stream_entries(redis_url)
@@ -159,7 +174,11 @@ async def test_replay_cut_short_by_a_crash_is_still_exactly_once(
     client = aioredis.Redis.from_url(redis_url)
     writer = StreamWriter(client, maxlen=0)
     try:
-        await writer.write([entry(i) for i in range(20)])  # the part sent before the "crash"
+        # The part sent before the "crash": lines 1..20 of the segment.
+        (seg,) = spool.segments()
+        await writer.write(
+            [entry(i) for i in range(20)], [(segment_id(seg), n + 1) for n in range(20)]
+        )
         metrics = Metrics()
         plog = PredictionLog(spool=Spool(tmp_path), metrics=metrics, writer=writer)
         assert await plog.replay() == 20
@@ -252,11 +271,11 @@ def test_gateway_crash_between_spool_and_replay_is_exactly_once(
     # A replay cut short by the crash: the first 30 spooled entries already reached Redis.
     redis_server.start()
     client = redis.Redis.from_url(redis_server.url)
-    first = spooled(gw.spool_dir)[:30]
+    first = spooled_lines(gw.spool_dir)[:30]
 
     async def send_part() -> None:
         c = aioredis.Redis.from_url(redis_server.url)
-        await StreamWriter(c, maxlen=0).write(first)
+        await StreamWriter(c, maxlen=0).write([e for _, e in first], [p for p, _ in first])
         await c.aclose()
 
     asyncio.run(send_part())

@@ -4,7 +4,7 @@ writer's spool-then-replay path against an in-memory StreamWriter double."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,9 @@ from gateway.errors import StreamUnavailable
 from gateway.metrics import Metrics
 from gateway.predlog.buffer import EntryBuffer
 from gateway.predlog.redaction import LogPolicies, PolicyError
-from gateway.predlog.redis_stream import decode_fields, encode_fields
+from gateway.predlog.redis_stream import Position, decode_fields, encode_fields
 from gateway.predlog.spool import Spool
+from gateway.predlog.spool import segment_id as seg_id
 from gateway.predlog.writer import PredictionLog
 
 
@@ -28,27 +29,41 @@ def entry(i: int, model: str = "toy") -> dict[str, Any]:
 
 
 class MemoryStream:
-    """A StreamWriter double with the same contract: one entry per request_id, or down."""
+    """A StreamWriter double with the same contract: per (model, segment) a high-water mark
+    of lines written; a line at or below it is a duplicate. Or down."""
 
     def __init__(self) -> None:
         self.down = False
         self.entries: list[Mapping[str, Any]] = []
-        self._seen: set[tuple[str, str]] = set()
+        self._marks: dict[tuple[str, str], int] = {}
 
     async def ping(self) -> None:
         if self.down:
             raise StreamUnavailable("down")
 
-    async def write(self, entries: Sequence[Mapping[str, Any]]) -> int:
+    async def write(
+        self, entries: Sequence[Mapping[str, Any]], positions: Sequence[Position] | None = None
+    ) -> int:
         await self.ping()
         added = 0
-        for e in entries:
-            key = (str(e["model"]), str(e["request_id"]))
-            if key not in self._seen:
-                self._seen.add(key)
-                self.entries.append(e)
-                added += 1
+        for n, e in enumerate(entries):
+            segment, line = positions[n] if positions is not None else ("", 0)
+            key = (str(e["model"]), segment)
+            if segment and line <= self._marks.get(key, 0):
+                continue
+            if segment:
+                self._marks[key] = line
+            self.entries.append(e)
+            added += 1
         return added
+
+    async def marks(self, segment: str, models: Iterable[str]) -> dict[str, int]:
+        return {m: self._marks.get((m, segment), 0) for m in models}
+
+    async def forget(self, segment: str, models: Iterable[str]) -> None:
+        await self.ping()
+        for m in models:
+            self._marks.pop((m, segment), None)
 
 
 def test_buffer_is_bounded_and_batches() -> None:
@@ -150,7 +165,8 @@ async def test_redis_down_spools_and_replay_is_exactly_once(tmp_path: Path) -> N
     )
 
     stream.down = False
-    await stream.write([entry(i) for i in range(4)])  # a replay cut short by a crash
+    (seg,) = Spool(tmp_path).segments()  # a replay cut short by a crash: lines 1..4 went
+    await stream.write([entry(i) for i in range(4)], [(seg_id(seg), n) for n in range(1, 5)])
     again = PredictionLog(spool=Spool(tmp_path), metrics=Metrics(), writer=stream)  # type: ignore[arg-type]
     again.spool.open()
     assert await again.replay() == 6
