@@ -11,9 +11,10 @@ import numpy as np
 import structlog
 from aiohttp import web
 
-from gateway.api import admin, feedback, oip, ui
+from gateway.api import admin, feedback, oip, openapi, ui
 from gateway.api import routes as v1
 from gateway.api.keys import METRICS, SERVICE, SETTINGS
+from gateway.api.limits import body_deadline, connection_gate
 from gateway.api.middleware import request_context
 from gateway.backends.base import Backend
 from gateway.backends.pool import BackendPool, PoolMember
@@ -93,8 +94,16 @@ def build_app(
     reloader = _route_reloader(settings, service, metrics)
 
     security = build_security(settings, metrics.registry)  # API keys, scopes, rate limits
+    server = settings.server
     app = web.Application(
-        middlewares=[request_context, *security.middlewares],
+        # Cheap refusals first: the connection cap, then the key; bodies are read (within
+        # their deadline) only for callers that may call.
+        middlewares=[
+            request_context,
+            connection_gate(server.max_connections),
+            *security.middlewares,
+            body_deadline(server.body_read_timeout_s, server.max_body_bytes),
+        ],
         client_max_size=settings.server.max_body_bytes,
     )
     app[GUARD] = security.guard  # the gRPC server admits calls through the same guard
@@ -107,6 +116,7 @@ def build_app(
     app.add_routes(admin.routes)
     app.add_routes(feedback.routes)
     app.add_routes(ui.routes)
+    app.add_routes(openapi.routes)
     if obs.labels is not None:
         app[feedback.LABELS] = obs.labels
     app[admin.RELOADER] = reloader
