@@ -12,8 +12,10 @@ orjson refuses nesting past 1024 levels; our bodies need a handful (a batch of p
 with a context is 4). Deep nesting costs every later walk over the value (validation, the
 prediction log's copy), so bodies nesting past `server.max_json_depth` get 400
 `json_too_deep`. The check is cheap where it matters: a body with fewer brackets than the
-limit cannot nest past it, and is never walked (one C-speed count per bracket kind);
-only bodies with more brackets are walked, and the walk visits containers only where it must.
+limit cannot nest past it and is not scanned (two C-speed counts, ~1 us for a /v1 body);
+other bodies are scanned as bytes, never walked as Python objects (a walk over a 256-item
+batch took ~4 ms, 8x its parse; the byte scan takes about half the parse, see
+`json_depth_exceeds`). It runs after the parse, so invalid JSON keeps `malformed_json`.
 """
 
 from __future__ import annotations
@@ -30,27 +32,37 @@ from gateway.errors import ClientError, Overloaded, PayloadTooLarge, RequestTime
 _PROBES = frozenset({"/healthz", "/readyz"})
 
 
-def json_depth_exceeds(value: Any, max_depth: int) -> bool:
-    """Whether ``value`` (parsed JSON) nests lists/objects more than ``max_depth`` deep."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > max_depth:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        for child in children:
-            if isinstance(child, dict | list):
-                stack.append((child, depth + 1))
-    return False
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'[]{}"')
+_SQUARE = bytes.maketrans(b"{}", b"[]")
 
 
-def check_depth(raw: bytes, value: Any, max_depth: int) -> None:
-    """Raise 400 json_too_deep when the parsed ``value`` of ``raw`` nests past ``max_depth``."""
-    if not isinstance(value, dict | list) or max_depth <= 0:
+def json_depth_exceeds(raw: bytes, max_depth: int) -> bool:
+    """Whether the JSON text ``raw`` (already known to parse) nests lists/objects deeper
+    than ``max_depth``. All in C-speed byte operations: drop escaped backslashes and quotes,
+    keep only brackets and quotes, drop string contents (every other piece between quotes),
+    then peel the innermost ``[]`` pairs off, one level per pass, at most ``max_depth``
+    passes. Measured on a loaded 2-core machine, against orjson.loads of the same body:
+    about half its time on a 256-item batch (1.5 vs 3 ms), under it for 1 MB of brackets,
+    ~4x it only for a body of strings full of brackets (25 vs 6 ms, 1 MB)."""
+    if b"\\" in raw:
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    text = raw.translate(None, _NOT_STRUCTURE)
+    if b'"' in text:
+        text = b"".join(text.split(b'"')[::2])
+    text = text.translate(_SQUARE)
+    for _ in range(max_depth):
+        if not text:
+            return False
+        text = text.replace(b"[]", b"")
+    return bool(text)
+
+
+def check_depth(raw: bytes, max_depth: int) -> None:
+    """Raise 400 json_too_deep when the JSON text ``raw`` (it parsed) nests past
+    ``max_depth``. Fewer openers than the limit cannot nest past it: one count, no scan."""
+    if max_depth <= 0 or raw.count(b"[") + raw.count(b"{") <= max_depth:
         return
-    if raw.count(b"[") + raw.count(b"{") <= max_depth:
-        return  # fewer openers than the limit: cannot nest deeper (brackets in strings only add)
-    if json_depth_exceeds(value, max_depth):
+    if json_depth_exceeds(raw, max_depth):
         raise ClientError(
             f"JSON nests deeper than {max_depth} levels",
             code="json_too_deep",
@@ -73,7 +85,10 @@ def body_deadline(timeout_s: float, max_bytes: int) -> Middleware:
                 async with asyncio.timeout(timeout_s):
                     await request.read()  # cached: the handler's read() returns it
             except TimeoutError:
-                request.protocol.force_close()  # the rest of the body is never read
+                # Answer, then close: the rest of the body is never read (EOF now, so
+                # aiohttp does not linger reading it), and the connection is not kept.
+                request.protocol.close()
+                request.content.feed_eof()
                 raise RequestTimeout(
                     f"the body did not arrive within {timeout_s} s of the headers",
                     details={"limit_s": timeout_s},
@@ -97,7 +112,7 @@ def connection_gate(max_connections: int) -> Middleware:
             and request.path not in _PROBES
             and _position(connections, request.protocol) >= max_connections
         ):
-            request.protocol.force_close()
+            request.protocol.close()  # after this answer
             raise Overloaded(
                 f"this process serves at most {max_connections} connections",
                 retry_after_s=1,

@@ -140,7 +140,7 @@ async def read_json(request: web.Request, max_bytes: int, max_depth: int = 32) -
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise MalformedJSON(f"body is not valid JSON: {exc}") from None
-    check_depth(body, value, max_depth)
+    check_depth(body, max_depth)
     return value
 
 
