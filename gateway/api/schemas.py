@@ -29,6 +29,9 @@ MAX_CONTEXT_KEYS = 64
 MAX_CONTEXT_STRING = 1024
 
 _Id = Annotated[str, Field(min_length=1, max_length=MAX_ID)]
+#: A request id is echoed in the X-Request-ID header: visible ASCII only (a control
+#: character there made aiohttp drop the connection unanswered; found by schemathesis).
+_RequestId = Annotated[str, Field(min_length=1, max_length=MAX_ID, pattern=r"^[!-~]+$")]
 _Number = {"type": "number"}
 _FEATURES_SCHEMA = {
     "description": "A row in the model's feature order, or feature name -> number; the "
@@ -62,7 +65,7 @@ class PredictBody(BaseModel):
             ]
         },
     )
-    request_id: _Id | None = None
+    request_id: _RequestId | None = None
     entity_id: _Id | None = None
     model_name: _Id
     features: Annotated[Any, WithJsonSchema(_FEATURES_SCHEMA)] = None
@@ -92,7 +95,7 @@ class FeedbackBody(BaseModel):
     """`POST /v1/feedback`."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    request_id: _Id
+    request_id: _RequestId
     label: Annotated[str, Field(min_length=1, max_length=MAX_LABEL)] | float | bool
 
 

@@ -96,6 +96,9 @@ async def test_every_operation_answers_as_documented(
         ("post", "/v1/predict", "/v1/predict", PREDICT, 200),
         ("post", "/v1/predict", "/v1/predict", b"{nope", 400),
         ("post", "/v1/predict", "/v1/predict", {**PREDICT, "model_name": "nope"}, 404),
+        # echoed in X-Request-ID: a control character is refused, not a dropped connection
+        ("post", "/v1/predict", "/v1/predict", {**PREDICT, "request_id": "a\x0eb"}, 400),
+        ("post", "/v1/feedback", "/v1/feedback", {"request_id": "a\nb", "label": 1}, 400),
         ("post", "/v1/predict", "/v1/predict", {**PREDICT, "features": [1]}, 422),
         ("post", "/v1/predict", "/v1/predict", {**PREDICT, "entity_id": "x" * (2 << 20)}, 413),
         ("post", "/v1/predict:batch", "/v1/predict:batch", [PREDICT, PREDICT], 200),
