@@ -12,9 +12,10 @@ import numpy as np
 import structlog
 from aiohttp import web
 
-from gateway.api import admin, feedback, oip, ui
+from gateway.api import admin, feedback, oip, openapi, ui
 from gateway.api import routes as v1
 from gateway.api.keys import METRICS, SERVICE, SETTINGS, TRACING
+from gateway.api.limits import body_deadline, connection_gate
 from gateway.api.middleware import request_context, trace_requests
 from gateway.api.status import AUDIT
 from gateway.audit import AuditFeed
@@ -115,8 +116,17 @@ def build_app(
 
     security = build_security(settings, metrics.registry)  # API keys, scopes, rate limits
     traced = [trace_requests] if tracing is not None else []  # off: not even a pass-through
+    server = settings.server
     app = web.Application(
-        middlewares=[*traced, request_context, *security.middlewares],
+        # Cheap refusals first: the connection cap, then the key; bodies are read (within
+        # their deadline) only for callers that may call.
+        middlewares=[
+            *traced,
+            request_context,
+            connection_gate(server.max_connections),
+            *security.middlewares,
+            body_deadline(server.body_read_timeout_s, server.max_body_bytes),
+        ],
         client_max_size=settings.server.max_body_bytes,
     )
     app[GUARD] = security.guard  # the gRPC server admits calls through the same guard
@@ -130,6 +140,7 @@ def build_app(
     app.add_routes(admin.routes)
     app.add_routes(feedback.routes)
     app.add_routes(ui.routes)
+    app.add_routes(openapi.routes)
     if obs.labels is not None:
         app[feedback.LABELS] = obs.labels
     app[admin.RELOADER] = reloader

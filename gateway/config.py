@@ -46,6 +46,18 @@ class ServerSettings:
     tls_key_file: Path | None = None
     #: mTLS: clients must present a certificate signed by this CA.
     tls_client_ca_file: Path | None = None
+    #: JSON bodies nesting deeper get 400 json_too_deep (gateway/api/limits.py).
+    max_json_depth: int = 32
+    #: aiohttp's parser limits: the request line, one header field, the header count.
+    max_line_bytes: int = 8190
+    max_header_bytes: int = 8190
+    max_headers: int = 128
+    #: A body not fully received this long after its headers: 408 and the connection closes.
+    body_read_timeout_s: float = 10.0
+    #: Open connections served per process; a request on one past the cap: 503 and close.
+    #: 0: no cap. backlog: the kernel's queue of connections not yet accepted.
+    max_connections: int = 4096
+    backlog: int = 128
 
 
 @dataclass(frozen=True)

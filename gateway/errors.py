@@ -22,6 +22,7 @@ headers an error needs (`Retry-After`, `WWW-Authenticate`, `X-RateLimit-*`) come
     │   ├── Conflict                     409 conflict
     │   │   ├── LabelConflict            409 label_conflict
     │   │   └── RegistryError            409 registry_error (model registry CLI: publish ...)
+    │   ├── RequestTimeout               408 request_timeout (the body came too slowly)
     │   ├── PayloadTooLarge              413 payload_too_large
     │   ├── ValidationFailed             422 invalid_features (code varies per field error)
     │   └── RateLimited                  429 rate_limited (+ Retry-After, X-RateLimit-*)
@@ -58,7 +59,31 @@ Traits, as class attributes, read by the layers instead of matching messages:
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NotRequired
+
+# pydantic (the OpenAPI document, gateway.api.openapi) reads these on Python 3.11 only
+# from typing_extensions.
+from typing_extensions import TypedDict
+
+
+class ErrorDetail(TypedDict):
+    """What `SwitchyardError.to_dict` puts under "error": the /v1 and admin error body."""
+
+    code: str
+    message: str
+    details: NotRequired[dict[str, Any]]
+    request_id: str | None
+
+
+class ErrorBody(TypedDict):
+    error: ErrorDetail
+
+
+class V2ErrorBody(TypedDict):
+    """The /v2 (KServe v2, Triton) error body: clients read a string under "error"."""
+
+    error: str
+    code: str
 
 
 class SwitchyardError(Exception):
@@ -94,11 +119,13 @@ class SwitchyardError(Exception):
         out.update(self.extra_headers)
         return out
 
-    def to_dict(self, request_id: str | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": self.code, "message": self.message}
+    def to_dict(self, request_id: str | None) -> ErrorBody:
+        body: ErrorDetail
         if self.details:
-            body["details"] = self.details
-        body["request_id"] = request_id
+            body = {"code": self.code, "message": self.message, "details": self.details,
+                    "request_id": request_id}  # fmt: skip
+        else:
+            body = {"code": self.code, "message": self.message, "request_id": request_id}
         return {"error": body}
 
 
@@ -182,6 +209,14 @@ class LabelConflict(Conflict):
     """The request id already carries a different label; labels are write-once."""
 
     default_code = "label_conflict"
+
+
+class RequestTimeout(ClientError):
+    """The client sent headers but not its body within server.body_read_timeout_s."""
+
+    status = 408
+    default_code = "request_timeout"
+    grpc_status = "DEADLINE_EXCEEDED"
 
 
 class PayloadTooLarge(ClientError):

@@ -83,6 +83,12 @@ def serve_one(
         # A client that disconnects cancels its handler, and with it the Triton call and its
         # admission slot (aiohttp leaves handlers running by default).
         handler_cancellation=True,
+        # Request line, header field and header count limits of aiohttp's parser; the body
+        # deadline and the connection cap are middlewares (gateway/api/limits.py).
+        backlog=settings.server.backlog,
+        max_line_size=settings.server.max_line_bytes,
+        max_field_size=settings.server.max_header_bytes,
+        max_headers=settings.server.max_headers,
         print=listening,
         loop=loop,
     )

@@ -10,8 +10,8 @@ from aiohttp import web
 
 from gateway.api.keys import REQUEST_ID, SETTINGS
 from gateway.api.middleware import json_response
-from gateway.api.schemas import read_json
-from gateway.errors import ClientError, FeedbackUnavailable
+from gateway.api.schemas import parse_feedback, read_json
+from gateway.errors import FeedbackUnavailable
 from gateway.predlog.feedback import LabelStore
 from gateway.security.rest import principal_of
 
@@ -20,25 +20,12 @@ LABELS = web.AppKey("labels", LabelStore)
 
 routes = web.RouteTableDef()
 
-_MAX_LABEL = 256
-
 
 @routes.post("/v1/feedback")
 async def feedback(request: web.Request) -> web.Response:
-    body = await read_json(request, request.app[SETTINGS].server.max_body_bytes)
-    if not isinstance(body, dict) or set(body) - {"request_id", "label"}:
-        raise ClientError("feedback is {request_id, label}", code="invalid_request")
-    rid, label = body.get("request_id"), body.get("label")
-    if not isinstance(rid, str) or not rid or len(rid) > 128:
-        raise ClientError("request_id must be a non-empty string", code="invalid_field",
-                          details={"field": "request_id"})  # fmt: skip
-    if (
-        not isinstance(label, str | int | float)
-        or (isinstance(label, str) and not label)
-        or (isinstance(label, str) and len(label) > _MAX_LABEL)
-    ):
-        raise ClientError("label must be a non-empty string, a number or a boolean",
-                          code="invalid_field", details={"field": "label"})  # fmt: skip
+    server = request.app[SETTINGS].server
+    body = await read_json(request, server.max_body_bytes, server.max_json_depth)
+    rid, label = parse_feedback(body)
     request[REQUEST_ID] = rid
     store = request.app.get(LABELS)
     if store is None:

@@ -44,7 +44,7 @@ def _error_response(request: web.Request, exc: errors.SwitchyardError) -> web.Re
         # KServe v2 / Triton clients read a string under "error"; the code rides alongside.
         body: dict[str, Any] = {"error": exc.message, "code": exc.code}
     else:
-        body = exc.to_dict(request_id)
+        body = dict(exc.to_dict(request_id))
     return json_response(body, exc.status, headers)
 
 

@@ -18,7 +18,7 @@ routes = web.RouteTableDef()
 @routes.post("/v1/predict")
 async def predict(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    body = await read_json(request, settings.server.max_body_bytes)
+    body = await read_json(request, settings.server.max_body_bytes, settings.server.max_json_depth)
     req = parse_predict(body, settings.routing.max_deadline_ms, default_id=request[REQUEST_ID])
     if req.request_id != request[REQUEST_ID]:  # the body names the prediction's id
         request[REQUEST_ID] = req.request_id
@@ -34,7 +34,7 @@ async def predict(request: web.Request) -> web.Response:
 @routes.post("/v1/predict:batch")
 async def predict_batch(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    body = await read_json(request, settings.server.max_body_bytes)
+    body = await read_json(request, settings.server.max_body_bytes, settings.server.max_json_depth)
     reqs = parse_batch(body, settings.server.max_batch_items, settings.routing.max_deadline_ms)
     request[LOG_FIELDS].update(model=reqs[0].model_name, batch=len(reqs))
     answers = await request.app[SERVICE].predict_batch(reqs)

@@ -180,23 +180,30 @@ class _Doc:
         try:
             node = yaml.compose(content, Loader=yaml.SafeLoader)
             self.data = yaml.safe_load(content)
+        except RecursionError:  # PyYAML recurses per nesting level; a route nests ~4
+            raise RouteError(f"{source}: nested too deeply") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
             raise RouteError(f"{source}{line}: invalid YAML: {exc}") from exc
         if node is not None:
-            self._index(node, ())
+            self._index(node, (), set())
 
-    def _index(self, node: yaml.Node, path: Path_) -> None:
+    def _index(self, node: yaml.Node, path: Path_, seen: set[int]) -> None:
+        # An alias is the node it names: index it once, so an alias that holds itself or
+        # aliases of aliases (a "billion laughs" file) cost no more than the file's size.
+        if id(node) in seen:
+            return
+        seen.add(id(node))
         self.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 sub = (*path, str(key.value))
                 self.lines[sub] = key.start_mark.line + 1
-                self._index(value, sub)
+                self._index(value, sub, seen)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
-                self._index(item, (*path, i))
+                self._index(item, (*path, i), seen)
 
     def error(self, path: Path_, message: str) -> RouteError:
         line = next(

@@ -8,7 +8,7 @@ One protocol-independent check, `Authenticator.authenticate(presented, scope)`, 
     feedback  /v1/feedback
     admin     /admin/*, /metrics (auth.protect_metrics), any path not listed here
     read      /v2 metadata (auth.protect_metadata)
-    (open)    /healthz, /readyz, /v2/health/*, gRPC ServerLive/ServerReady
+    (open)    /healthz, /readyz, /v2/health/*, /openapi.json, gRPC ServerLive/ServerReady
 
 Unlisted paths need `admin`: a new endpoint is closed until someone decides otherwise.
 """
@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from gateway.errors import Forbidden, Unauthorized
 from gateway.security.keys import SCOPES, KeyFile
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+#: /openapi.json: the contract a client needs before it has a key; it holds no data.
+OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/openapi.json"}
+)
 
 
 @dataclass(frozen=True, slots=True)

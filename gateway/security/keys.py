@@ -211,6 +211,8 @@ def parse_key_bytes(text: bytes, where: str) -> KeyFile:
         data = yaml.safe_load(text)  # JSON is YAML too
     except yaml.YAMLError as exc:
         raise KeyFileError(f"{where}: not YAML/JSON: {exc}") from exc
+    except RecursionError:  # PyYAML recurses per nesting level
+        raise KeyFileError(f"{where}: nested too deeply") from None
     return parse_key_file(data, where)
 
 
