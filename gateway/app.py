@@ -22,6 +22,7 @@ from gateway.batching import Coalescer
 from gateway.catalog import ModelCatalog
 from gateway.clock import Clock, monotonic
 from gateway.config import Settings
+from gateway.drift.exporter import build_drift
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.observability import build_observability
 from gateway.registry.report import ValidationGate
@@ -91,6 +92,8 @@ def build_app(
         shadow=shadow,
     )
     reloader = _route_reloader(settings, service, metrics)
+    drift = build_drift(settings, metrics, clock)
+    service.drift = drift.tracker if drift is not None else None
 
     security = build_security(settings, metrics.registry)  # API keys, scopes, rate limits
     app = web.Application(
@@ -146,6 +149,8 @@ def build_app(
         await cache.close()
 
     app.cleanup_ctx.extend([predlog_ctx, backend_ctx, routing_ctx, resilience_ctx])
+    if drift is not None:
+        app.cleanup_ctx.append(drift.ctx)
     log.info("app_built", routes=sorted(table.routes), triton=settings.triton.grpc_url)
     return app
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from gateway.batching import BatchingPolicy
+from gateway.drift.tracker import DriftPolicy
 from gateway.resilience.admission import AdmissionLimits
 from gateway.resilience.breaker import BreakerPolicy
 from gateway.resilience.fallback import FallbackPolicy
@@ -235,6 +236,8 @@ class Settings:
     features: FeaturesSettings = field(default_factory=FeaturesSettings)
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    #: Live inputs against each version's training histograms (gateway/drift).
+    drift: DriftPolicy = field(default_factory=DriftPolicy)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
     #: Coalescing of concurrent single-row calls per target (gateway/batching.py).

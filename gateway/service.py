@@ -113,6 +113,9 @@ class _Planned:
 
 
 class InferenceService:
+    #: Live-input drift (gateway.drift.tracker.DriftTracker), set by the app; None: off.
+    drift: Any = None
+
     def __init__(
         self,
         *,
@@ -393,6 +396,9 @@ class InferenceService:
                 "context": dict(p.request.context),
             }
         self.predlog.record(policy.apply(entry))
+        if self.drift is not None:  # the input against the target's training histograms
+            score = None if pred.fallback_used else pred.score
+            self.drift.observe(p.target.model, p.target.version, p.row, score)
 
     def _count_ok(self, model: str, version: str, arm: str, latency_ms: float) -> None:
         key = (model, version, arm)
@@ -520,6 +526,10 @@ class InferenceService:
             "protocol": "v2",
         }
         self.predlog.record(self.log_policies.for_model(name).apply(entry))
+        if self.drift is not None and request.batchable:  # rows of the catalog's schema
+            scores = resp.outputs.get("score") if resp.fallback_used is None else None
+            self.drift.observe_rows(request.model, request.version, request.inputs[0].data,
+                                    None if scores is None else scores.data.ravel())  # fmt: skip
 
     def _shadow_tensors(
         self, route: Route, request: InferRequest, resp: InferResponse, name: str, target: Target
