@@ -188,6 +188,12 @@ class RolloutSettings:
     interval_s: float = 60.0
     #: Decision records: <record_dir>/<model>.jsonl, one JSON line per evaluation.
     record_dir: Path = Path("var/rollout")
+    #: Redis keys: <key_prefix>:lease|fence|written|audit:<model>.
+    key_prefix: str = "rollout"
+    #: The one-controller lease lives this long unless renewed (every evaluation renews it).
+    lease_ttl_s: float = 180.0
+    #: Audit stream length (approximate MAXLEN).
+    audit_maxlen: int = 10_000
 
 
 @dataclass(frozen=True)

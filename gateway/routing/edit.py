@@ -26,14 +26,73 @@ def set_weight(
 
     ``validation`` (a `gateway.registry.report.ValidationGate`) refuses a weight above 0 for a
     version without a passing report; 0 (a rollback) is always allowed."""
-    from ruamel.yaml import YAML
+    path, content = render_weight(routes_dir, model, version, weight, target, catalog, validation)
+    write_route(path, content)
+    return path
 
-    from gateway.routing.table import RouteError, check_targets, parse_route
+
+def render_weight(
+    routes_dir: Path,
+    model: str,
+    version: str,
+    weight: float,
+    target: str | None = None,
+    catalog: Any = None,
+    validation: Any = None,
+) -> tuple[Path, bytes]:
+    """`set_weight` without the write: the file and its new, validated content."""
+    yaml = _yaml()
+    path, doc = _find_route(routes_dir, model, yaml)
+    match = _challenger(path, doc, version, target)
+    if validation is not None and weight > 0:
+        from gateway.routing.table import Target
+
+        validation.require([Target(str(match.get("target")), version)])
+    match["weight"] = int(weight) if float(weight).is_integer() else weight
+    return path, _dump(path, doc, yaml, catalog)
+
+
+def render_swap(
+    routes_dir: Path,
+    model: str,
+    version: str,
+    target: str | None = None,
+    catalog: Any = None,
+    validation: Any = None,
+) -> tuple[Path, bytes]:
+    """The champion swap: the challenger ``target@version`` becomes the champion, and the old
+    champion takes the challenger's place in the list at weight 0, its sticky key kept: the
+    rollback target, one `set-weight` (or swap) away. Comments and layout survive."""
+    yaml = _yaml()
+    path, doc = _find_route(routes_dir, model, yaml)
+    match = _challenger(path, doc, version, target)
+    champion = doc.get("champion")
+    if champion is None:
+        from gateway.routing.table import RouteError
+
+        raise RouteError(f"{path}: no champion to swap")
+    if validation is not None:
+        from gateway.routing.table import Target
+
+        validation.require([Target(str(match.get("target")), version)])
+    for key in ("target", "version"):  # the loaded scalars move, with their quote style
+        champion[key], match[key] = match[key], champion[key]
+    match["weight"] = 0
+    return path, _dump(path, doc, yaml, catalog)
+
+
+def _yaml() -> Any:
+    from ruamel.yaml import YAML
 
     yaml = YAML()  # round-trip: comments, order, flow style and quotes survive
     yaml.preserve_quotes = True
     yaml.width = 4096  # never re-wrap long flow mappings
-    path, doc = _find_route(routes_dir, model, yaml)
+    return yaml
+
+
+def _challenger(path: Path, doc: Any, version: str, target: str | None) -> Any:
+    from gateway.routing.table import RouteError
+
     challengers = doc.get("challengers") or []
     matches = [
         c
@@ -50,19 +109,19 @@ def set_weight(
         raise RouteError(f"{path}: no challenger with version {version!r}{hint}")
     if len(matches) > 1:
         raise RouteError(f"{path}: several challengers have version {version!r}; pass --target")
-    if validation is not None and weight > 0:
-        from gateway.routing.table import Target
+    return matches[0]
 
-        validation.require([Target(str(matches[0].get("target")), version)])
-    matches[0]["weight"] = int(weight) if float(weight).is_integer() else weight
+
+def _dump(path: Path, doc: Any, yaml: Any, catalog: Any) -> bytes:
+    from gateway.routing.table import check_targets, parse_route
+
     out = io.StringIO()
     yaml.dump(doc, out)
     content = out.getvalue().encode()
     route = parse_route(content, str(path))  # never write what the gateway would reject
     if catalog is not None:
         check_targets(route, catalog)
-    _atomic_write(path, content)
-    return path
+    return content
 
 
 def _find_route(routes_dir: Path, model: str, yaml: Any) -> tuple[Path, Any]:
@@ -84,7 +143,8 @@ def _find_route(routes_dir: Path, model: str, yaml: Any) -> tuple[Path, Any]:
     raise RouteError(f"{routes_dir}: no route file for model {model!r}")
 
 
-def _atomic_write(path: Path, content: bytes) -> None:
+def write_route(path: Path, content: bytes) -> None:
+    """Replace `path` with `content` atomically (temp file, fsync, rename)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
