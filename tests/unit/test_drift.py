@@ -16,6 +16,8 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import build_app
+from gateway.cli import main
+from gateway.cli.drift import parse, render
 from gateway.clock import FakeClock
 from gateway.drift.reference import Reference, reference_from_manifest
 from gateway.drift.tracker import DriftPolicy, DriftTracker, psi
@@ -139,7 +141,7 @@ async def app_client(tmp_path: Path, aiohttp_client) -> TestClient:
 
 
 async def test_shifted_live_inputs_raise_feature_drift_psi_on_metrics(
-    app_client: TestClient,
+    app_client: TestClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rows = live(400, shift_b=1.5)
     half = len(rows) // 2
@@ -154,8 +156,8 @@ async def test_shifted_live_inputs_raise_feature_drift_psi_on_metrics(
     while True:  # the exporter runs every 50 ms; poll /metrics until it has
         text = await (await app_client.get("/metrics")).text()
         psi_of = {dict(k)["feature"]: v for k, v in gauges(text, "feature_drift_psi").items()}
-        if psi_of or time.monotonic() > deadline:
-            break
+        if 400.0 in gauges(text, "drift_window_rows").values() or time.monotonic() > deadline:
+            break  # both requests' rows are in an export
         await asyncio.sleep(0.05)
     assert set(psi_of) == set(FEATURES), text
     assert psi_of["b"] > 0.2 and psi_of["a"] < 0.1 and psi_of["c"] < 0.1
@@ -163,3 +165,28 @@ async def test_shifted_live_inputs_raise_feature_drift_psi_on_metrics(
     assert list(rows_seen.values()) == [400.0]  # /v1 and /v2 rows both counted
     (key,) = gauges(text, "prediction_drift_psi")
     assert dict(key) == {"model": "toy", "version": "2"}
+
+    # `drift report` reads the same /metrics and ranks b first
+    capsys.readouterr()
+    url = str(app_client.make_url("")).rstrip("/")
+    code = await asyncio.to_thread(main, ["drift", "report", "--model", "toy", "--url", url])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0 and lines[0].startswith("toy/2: 400 sampled rows in the window"), lines
+    first = lines[2].split()
+    assert first[0] == "b" and float(first[1]) > 0.2 and first[2] in ("warn", "PAGE")
+
+
+def test_drift_report_ranks_and_levels_from_an_exposition() -> None:
+    text = "\n".join([
+        'feature_drift_psi{model="risk",version="2",feature="x"} 0.3',
+        'feature_drift_psi{model="risk",version="2",feature="y"} 0.21',
+        'feature_drift_psi{model="risk",version="2",feature="z"} 0.01',
+        'feature_drift_psi{model="other",version="1",feature="x"} 0.9',
+        'drift_window_rows{model="risk",version="2"} 1200',
+    ]) + "\n"  # fmt: skip
+    data = parse(text, "risk", None)
+    assert set(data) == {"2"} and data["2"]["rows"] == 1200
+    out = render("risk", data, top=2).splitlines()
+    assert [ln.split()[::2] for ln in out[2:4]] == [["x", "PAGE"], ["y", "warn"]]
+    assert "score PSI n/a" in out[0]
+    assert "no drift measured" in render("risk", parse(text, "risk", "9"), top=2)
