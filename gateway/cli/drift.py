@@ -49,7 +49,9 @@ def parse(text: str, model: str, version: str | None) -> dict[str, dict[str, Any
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             lb = s.labels
-            if s.name not in _NAMES or lb.get("model") != model or (version is not None and lb.get("version") != version):
+            if s.name not in _NAMES or lb.get("model") != model:
+                continue
+            if version is not None and lb.get("version") != version:
                 continue
             v = out.setdefault(lb["version"], {"features": {}, "score": None, "rows": None})
             if s.name == "feature_drift_psi":
