@@ -8,8 +8,10 @@ Two measurements, CPU time (time.process_time) of this one process:
    `snapshot` (what the background export does every 5 s);
 2. the real app (build_app on the shipped model repository and risk route, a FakeBackend from
    tests/unit standing in for Triton, no Redis: the prediction log spools to a temp dir),
-   `/v1/predict` through aiohttp's in-process test client, one request at a time, with
-   drift off (sample_rate 0) and on (1.0 and the default 0.1), alternated `--reps` times.
+   `/v1/predict` through aiohttp's in-process test client, one request at a time. The mode
+   changes on every request (off, sample_rate 1.0, the default 0.1, round robin: the
+   service's tracker is swapped), so a busy machine slows every mode alike; CPU time per
+   request (server and in-process client together) is averaged per mode.
 A script, not a timed test: numbers depend on the machine. Figures in docs/observability.md.
 """
 
@@ -66,6 +68,7 @@ def tracker_costs(n: int) -> dict[str, float]:
 async def app_costs(requests: int, reps: int) -> dict[str, float]:
     from aiohttp.test_utils import TestClient, TestServer
 
+    from gateway.api.keys import SERVICE
     from gateway.app import build_app
     from gateway.config import load_settings
     from tests.unit.fake_backend import FakeBackend, FakeModel
@@ -84,7 +87,7 @@ async def app_costs(requests: int, reps: int) -> dict[str, float]:
                                          strict=True))}).encode()
         for i in range(requests)
     ]  # fmt: skip
-    results: dict[str, list[float]] = {"off": [], "on_1.0": [], "on_0.1": []}
+    cpu: dict[str, list[float]] = {"off": [], "on_1.0": [], "on_0.1": []}
     with tempfile.TemporaryDirectory() as tmp:
         routes = Path(tmp) / "routes"
         routes.mkdir()
@@ -95,40 +98,49 @@ async def app_costs(requests: int, reps: int) -> dict[str, float]:
         )  # fmt: skip
         models = [FakeModel(m, risk_fn, versions=("1", "2"))
                   for m in ("risk", "risk_distilled", "digits")]  # fmt: skip
-        order = [("off", 0.0), ("on_1.0", 1.0), ("on_0.1", 0.1)]
-        for rep in range(reps):  # the order rotates: no setting always runs first or last
-            for label, rate in order[rep % 3 :] + order[: rep % 3]:
-                settings = dataclasses.replace(base, drift=DriftPolicy(sample_rate=rate))
-                client = TestClient(TestServer(build_app(settings, backend=FakeBackend(models))))
-                await client.start_server()
-                try:
-                    for body in bodies[:50]:  # warm: first-call paths, the reference load
-                        await client.post("/v1/predict", data=io.BytesIO(body))
+        settings = dataclasses.replace(base, drift=DriftPolicy(sample_rate=1.0))
+        app = build_app(settings, backend=FakeBackend(models))
+        service = app[SERVICE]
+        full = service.drift
+        tenth = DriftTracker(DriftPolicy(sample_rate=0.1), full.references, rng=random.Random(3))
+        modes = [("off", None), ("on_1.0", full), ("on_0.1", tenth)]
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        try:
+            for i, body in enumerate(bodies[:60]):  # warm: first-call paths, reference loads
+                service.drift = modes[i % 3][1]
+                await client.post("/v1/predict", data=io.BytesIO(body))
+            for _ in range(reps):
+                for i, body in enumerate(bodies):
+                    # Interleaved per request: load on the machine hits every mode alike.
+                    label, tracker = modes[i % 3]
+                    service.drift = tracker
                     t0 = time.process_time()
-                    for body in bodies:
-                        resp = await client.post("/v1/predict", data=io.BytesIO(body))
-                        assert resp.status == 200, await resp.text()
-                        await resp.read()
-                    results[label].append((time.process_time() - t0) / requests * 1e6)
-                finally:
-                    await client.close()
-    med = {k: statistics.median(v) for k, v in results.items()}
+                    resp = await client.post("/v1/predict", data=io.BytesIO(body))
+                    await resp.read()
+                    cpu[label].append(time.process_time() - t0)
+                    assert resp.status == 200
+        finally:
+            await client.close()
+    mean = {k: statistics.fmean(v) * 1e6 for k, v in cpu.items()}
+    sem = {k: statistics.stdev(v) * 1e6 / len(v) ** 0.5 for k, v in cpu.items()}
     return {
-        "request_cpu_us_drift_off": med["off"],
-        "request_cpu_us_drift_rate_1": med["on_1.0"],
-        "request_cpu_us_drift_rate_0.1": med["on_0.1"],
-        "added_us_rate_1": med["on_1.0"] - med["off"],
-        "added_us_rate_0.1": med["on_0.1"] - med["off"],
-        "spread_us_off": max(results["off"]) - min(results["off"]),
-        **{f"run_us_{k}_{i}": v for k, runs in results.items() for i, v in enumerate(runs)},
+        "request_cpu_us_drift_off": mean["off"],
+        "request_cpu_us_drift_rate_1": mean["on_1.0"],
+        "request_cpu_us_drift_rate_0.1": mean["on_0.1"],
+        "added_us_rate_1": mean["on_1.0"] - mean["off"],
+        "added_us_rate_0.1": mean["on_0.1"] - mean["off"],
+        "stderr_us_of_each_mean": max(sem.values()),
+        **{f"median_us_{k}": statistics.median(v) * 1e6 for k, v in cpu.items()},
+        "requests_per_mode": float(len(cpu["off"])),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=20_000, help="tracker calls per figure")
-    p.add_argument("--requests", type=int, default=3000, help="requests per app run")
-    p.add_argument("--reps", type=int, default=5, help="app runs per setting, alternated")
+    p.add_argument("--requests", type=int, default=3000, help="requests per pass")
+    p.add_argument("--reps", type=int, default=5, help="passes over the requests")
     args = p.parse_args(argv)
     out = tracker_costs(args.n)
     out.update(asyncio.run(app_costs(args.requests, args.reps)))

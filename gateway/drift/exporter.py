@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,12 +44,14 @@ class DriftExporter:
             if r.score is not None:
                 m.prediction_drift_psi.labels(r.model, r.version).set(r.score)
                 scores.add((r.model, r.version))
+        # NaN first: under PROMETHEUS_MULTIPROC_DIR a removed child's last value stays in the
+        # worker's file, and NaN compares false with every alert threshold.
         for key in self._features - features:
-            m.feature_drift_psi.remove(*key)
+            _drop(m.feature_drift_psi, key)
         for vkey in {k[:2] for k in self._features} - {k[:2] for k in features}:
-            m.drift_window_rows.remove(*vkey)
+            _drop(m.drift_window_rows, vkey)
         for skey in self._scores - scores:
-            m.prediction_drift_psi.remove(*skey)
+            _drop(m.prediction_drift_psi, skey)
         self._features, self._scores = features, scores
 
     async def run(self, sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
@@ -58,6 +61,11 @@ class DriftExporter:
                 self.export()
             except Exception:  # a bad manifest must not end the exports of the others
                 log.exception("drift_export_failed")
+
+
+def _drop(gauge: Any, labels: tuple[str, ...]) -> None:
+    gauge.labels(*labels).set(math.nan)
+    gauge.remove(*labels)
 
 
 @dataclass(frozen=True, slots=True)

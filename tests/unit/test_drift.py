@@ -19,8 +19,10 @@ from gateway.app import build_app
 from gateway.cli import main
 from gateway.cli.drift import parse, render
 from gateway.clock import FakeClock
+from gateway.drift.exporter import DriftExporter
 from gateway.drift.reference import Reference, reference_from_manifest
 from gateway.drift.tracker import DriftPolicy, DriftTracker, psi
+from gateway.metrics import Metrics
 from gateway.registry.histograms import quantile_histograms
 from tests.unit.fakes import FEATURES, toy_backend, write_repo
 
@@ -114,6 +116,25 @@ def test_no_score_reference_gives_feature_drift_only() -> None:
     feed(t, live(500))
     (r,) = t.snapshot()
     assert r.score is None and set(r.features) == set(FEATURES)
+
+
+def test_exporter_sets_gauges_and_drops_them_when_the_window_empties() -> None:
+    clock = FakeClock(1000.0)
+    t = tracker(clock)
+    metrics = Metrics()
+    exporter = DriftExporter(t, metrics)
+    feed(t, live(300, shift_b=1.0))
+    exporter.export()
+    text = metrics.render().decode()
+    psi_of = {dict(k)["feature"]: v for k, v in gauges(text, "feature_drift_psi").items()}
+    assert psi_of["b"] > 0.2 and len(psi_of) == 3
+    assert list(gauges(text, "drift_window_rows").values()) == [300.0]
+    assert len(gauges(text, "prediction_drift_psi")) == 1
+    clock.advance(120)  # every bucket has left the window
+    exporter.export()
+    text = metrics.render().decode()
+    assert not gauges(text, "feature_drift_psi") and not gauges(text, "drift_window_rows")
+    assert not gauges(text, "prediction_drift_psi")
 
 
 # -- through the real app -------------------------------------------------------------------
