@@ -23,7 +23,7 @@ from gateway.drift.exporter import DriftExporter
 from gateway.drift.reference import Reference, reference_from_manifest
 from gateway.drift.tracker import DriftPolicy, DriftTracker, psi
 from gateway.metrics import Metrics
-from gateway.registry.histograms import quantile_histograms
+from gateway.registry.histograms import quantile_histograms, score_histogram
 from tests.unit.fakes import FEATURES, toy_backend, write_repo
 
 TRAIN = np.random.default_rng(7).normal(size=(5000, 3))
@@ -32,8 +32,7 @@ TRAIN = np.random.default_rng(7).normal(size=(5000, 3))
 def manifest(score: bool = True) -> dict:
     hist = quantile_histograms(TRAIN, FEATURES, bins=10)
     if score:  # the holdout score distribution, same shape as a feature's
-        s = 1 / (1 + np.exp(-TRAIN.sum(axis=1)))
-        hist["score"] = quantile_histograms(s[:, None], ["score"], bins=10)["features"]["score"]
+        hist["score"] = score_histogram(1 / (1 + np.exp(-TRAIN.sum(axis=1))))
     return {"input_schema": {"features": FEATURES}, "histograms": hist}
 
 
