@@ -27,6 +27,7 @@ from gateway.batching import Coalescer, InferLayer
 from gateway.catalog import ModelCatalog
 from gateway.clock import Clock, monotonic
 from gateway.config import Settings, TelemetrySettings
+from gateway.drift.exporter import build_drift
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.observability import build_observability
 from gateway.redis_conn import redis_options
@@ -113,6 +114,8 @@ def build_app(
     )
     service.tracing = tracing
     reloader = _route_reloader(settings, service, metrics)
+    drift = build_drift(settings, metrics, clock)
+    service.drift = drift.tracker if drift is not None else None
 
     security = build_security(settings, metrics.registry)  # API keys, scopes, rate limits
     traced = [trace_requests] if tracing is not None else []  # off: not even a pass-through
@@ -189,6 +192,8 @@ def build_app(
             await asyncio.to_thread(tracing.shutdown)  # exports the spans still queued
 
     app.cleanup_ctx.extend([tracing_ctx, predlog_ctx, backend_ctx, routing_ctx, resilience_ctx])
+    if drift is not None:
+        app.cleanup_ctx.append(drift.ctx)
     log.info("app_built", routes=sorted(table.routes), triton=settings.triton.grpc_url)
     return app
 

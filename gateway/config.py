@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from gateway.batching import BatchingPolicy
+from gateway.drift.tracker import DriftPolicy
 from gateway.resilience.admission import AdmissionLimits
 from gateway.resilience.breaker import BreakerPolicy
 from gateway.resilience.fallback import FallbackPolicy
@@ -277,6 +278,12 @@ class RolloutSettings:
     interval_s: float = 60.0
     #: Decision records: <record_dir>/<model>.jsonl, one JSON line per evaluation.
     record_dir: Path = Path("var/rollout")
+    #: Redis keys: <key_prefix>:lease|fence|written|audit:<model>.
+    key_prefix: str = "rollout"
+    #: The one-controller lease lives this long unless renewed (every evaluation renews it).
+    lease_ttl_s: float = 180.0
+    #: Audit stream length (approximate MAXLEN).
+    audit_maxlen: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -353,6 +360,8 @@ class Settings:
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    #: Live inputs against each version's training histograms (gateway/drift).
+    drift: DriftPolicy = field(default_factory=DriftPolicy)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
     #: Coalescing of concurrent single-row calls per target (gateway/batching.py).

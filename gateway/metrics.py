@@ -150,6 +150,29 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        # Drift against the training distribution (gateway/drift): PSI over a sliding window,
+        # the most drifted view among live workers (each sees its share of the traffic).
+        self.feature_drift_psi = Gauge(
+            "feature_drift_psi",
+            "Population stability index of a live input feature against its training histogram",
+            ["model", "version", "feature"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.prediction_drift_psi = Gauge(
+            "prediction_drift_psi",
+            "Population stability index of the live score against the holdout score histogram",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.drift_window_rows = Gauge(
+            "drift_window_rows",
+            "Sampled rows in the drift window the PSI gauges are computed over",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
 
     def render(self) -> bytes:
         return self.render_for("")[0]

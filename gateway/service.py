@@ -115,6 +115,8 @@ class _Planned:
 
 class InferenceService:
     tracing: Tracing | None = None  # set by the composition root: spans route, features, log
+    #: Live-input drift (gateway.drift.tracker.DriftTracker), set by the app; None: off.
+    drift: Any = None
 
     def __init__(
         self,
@@ -407,6 +409,9 @@ class InferenceService:
             }
         with self._record_span(entry):
             self.predlog.record(policy.apply(entry))
+        if self.drift is not None:  # the input against the target's training histograms
+            score = None if pred.fallback_used else pred.score
+            self.drift.observe(p.target.model, p.target.version, p.row, score)
 
     def _record_span(self, entry: Mapping[str, Any]) -> Any:
         """The prediction-log record's span; the answer's attributes go on the request's
@@ -544,6 +549,10 @@ class InferenceService:
         }
         with self._record_span(entry):
             self.predlog.record(self.log_policies.for_model(name).apply(entry))
+        if self.drift is not None and request.batchable:  # rows of the catalog's schema
+            scores = resp.outputs.get("score") if resp.fallback_used is None else None
+            self.drift.observe_rows(request.model, request.version, request.inputs[0].data,
+                                    None if scores is None else scores.data.ravel())  # fmt: skip
 
     def _shadow_tensors(
         self, route: Route, request: InferRequest, resp: InferResponse, name: str, target: Target

@@ -1,7 +1,7 @@
 """The one command line: ``python -m gateway`` (also installed as ``switchyard``).
 
-Every subcommand lives in this package, one module each (routes, models, rollout, data,
-gpu, keys); this module holds the parser and the stack's own commands.
+Every subcommand lives in this package, one module each (routes, models, rollout, drift,
+data, gpu, keys); this module holds the parser and the stack's own commands.
 
 Subcommands:
   triton  launch the nvidia-pytriton wheel's tritonserver on a model repository
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_promote_parser(sub)  # promote <model>: the metric-gated canary controller
     add_rollout_parser(sub)  # rollout report: the canary's progress as one HTML page
+    from gateway.cli.drift import add_drift_parser
+
+    add_drift_parser(sub)  # drift report: the features that drift most, from /metrics
     from gateway.cli.gpu import add_gpu_parser
 
     add_gpu_parser(sub)  # gpu plan: GPU placement (dedicated or MPS-packed)

@@ -1,4 +1,5 @@
 """`python -m gateway promote <model>`: run the canary controller once or in a loop.
+`python -m gateway rollout status [--model M]`: stage, gates, lease and decision history.
 `python -m gateway rollout report --model M --out report.html`: the rollout in pictures.
 
 Registered by `gateway.__main__`; gateway modules load inside the handler to keep the CLI
@@ -57,28 +58,35 @@ def cmd_promote(args: argparse.Namespace) -> int:
     async def run() -> int:
         client = redis_client(settings)
         assert client is not None
-        fb = settings.feedback
+        fb, ro = settings.feedback, settings.rollout
         controller = RolloutController(
             client,
             LabelStore(client, fb.label_prefix, fb.label_ttl_s),
             routes_dir=args.routes_dir or settings.routing.routes_dir,
-            policy=settings.rollout.policy,
-            record_dir=settings.rollout.record_dir,
+            policy=ro.policy,
+            record_dir=ro.record_dir,
             stream_prefix=settings.predlog.stream_prefix,
             catalog=ModelCatalog.load(repo) if repo.is_dir() else None,
             dry_run=args.dry_run,
             validation=ValidationGate(repo) if settings.routing.require_validation else None,
             audit=AuditLog.from_settings(settings, via="rollout-controller"),
+            key_prefix=ro.key_prefix,
+            lease_ttl_s=ro.lease_ttl_s,
+            audit_maxlen=ro.audit_maxlen,
         )
         try:
             if args.interval is not None:
-                await controller.run(args.model, args.interval)
+                await controller.run(args.model, args.interval)  # releases the lease on exit
                 return 0
-            ev = await controller.evaluate_once(args.model)
+            try:
+                ev = await controller.evaluate_once(args.model)
+            finally:
+                await controller.release(args.model)  # one step: let a looping replica act
         finally:
             await client.aclose()
         # the full record is in the log line above and in the record file
         state = "dry run" if ev.dry_run else ("applied" if ev.applied else "unchanged")
+        state += ", champion swapped" if ev.swap else ""
         print(f"{ev.model}: {ev.verdict.action} {ev.from_weight:g} -> {ev.to_weight:g} % ({state})")
         for reason in ev.verdict.reasons:
             print(f"  {reason}")
@@ -95,8 +103,17 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def add_rollout_parser(sub: Any) -> None:
-    rollout = sub.add_parser("rollout", help="canary rollout reports")
+    rollout = sub.add_parser("rollout", help="canary rollout status and reports")
     rsub = rollout.add_subparsers(dest="rollout_command", required=True, metavar="ACTION")
+    st = rsub.add_parser("status", help="each model's stage, its metrics against the "
+                         "thresholds, the lease holder and the decision history")  # fmt: skip
+    st.add_argument("--model", default=None, help="one model (default: every route file)")
+    st.add_argument("--history", type=int, default=10, help="audit entries shown per model")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--config", type=Path, default=Path("configs/gateway.yaml"))
+    st.add_argument("--redis-url", default=None, help="override redis.url")
+    st.add_argument("--routes-dir", type=Path, default=None, help="override routing.routes_dir")
+    st.set_defaults(handler=cmd_status)
     p = rsub.add_parser("report", help="one self-contained HTML page: latency, errors, "
                         "accuracy delta, traffic share and decisions over time")  # fmt: skip
     p.add_argument("--model", required=True, help="public model name (its stream and records)")
@@ -162,4 +179,63 @@ def cmd_report(args: argparse.Namespace) -> int:
         args.png.write_bytes(report.combined_png(data))
     arms = ", ".join(f"{t.arm} ({t.count})" for t in data.totals)
     print(f"{args.out}: {len(images)} panels, {len(data.decisions)} decisions; arms {arms}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.config import ConfigError, load_settings
+    from gateway.errors import SwitchyardError
+    from gateway.observability import redis_client
+    from gateway.predlog.feedback import LabelStore
+    from gateway.rollout.controller import RolloutController, RolloutError
+    from gateway.rollout.status import model_status, render_text
+    from gateway.routing.table import RouteError, parse_route
+
+    try:
+        settings = load_settings(args.config if args.config.exists() else None,
+                                 redis_url=args.redis_url)  # fmt: skip
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not settings.redis.url:
+        print("error: redis.url is empty; rollout state lives in Redis", file=sys.stderr)
+        return 2
+    routes_dir = args.routes_dir or settings.routing.routes_dir
+
+    async def run() -> list[dict[str, Any]]:
+        client = redis_client(settings)
+        assert client is not None
+        fb, ro = settings.feedback, settings.rollout
+        c = RolloutController(
+            client,
+            LabelStore(client, fb.label_prefix, fb.label_ttl_s),
+            routes_dir=routes_dir,
+            policy=ro.policy,
+            record_dir=ro.record_dir,
+            stream_prefix=settings.predlog.stream_prefix,
+            dry_run=True,
+            key_prefix=ro.key_prefix,
+        )
+        files = sorted(routes_dir.glob("*.yaml"))
+        models = [args.model] if args.model else [parse_route(p.read_bytes(), str(p)).name
+                                                  for p in files]  # fmt: skip
+        try:
+            return [await model_status(c, m, args.history) for m in models]
+        finally:
+            await client.aclose()
+
+    try:
+        views = asyncio.run(run())
+    except (RolloutError, RouteError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except SwitchyardError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(views, indent=2, default=str))
+    else:
+        print("\n\n".join(render_text(v) for v in views))
     return 0

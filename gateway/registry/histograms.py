@@ -26,3 +26,11 @@ def quantile_histograms(x: np.ndarray, names: Sequence[str], bins: int = 10) -> 
         counts, _ = np.histogram(x[:, j], bins=edges)
         out[name] = {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
     return {"source": "train", "bins": bins, "features": out}
+
+
+def score_histogram(scores: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """The holdout score distribution, in the shape of one feature's histogram: a trainer puts
+    it at `histograms.json` `score` and the gateway's prediction drift compares with it."""
+    return quantile_histograms(np.asarray(scores).reshape(-1, 1), ["score"], bins)["features"][
+        "score"
+    ]

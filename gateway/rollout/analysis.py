@@ -120,6 +120,8 @@ class Verdict:
     action: Action
     next_weight: float
     reasons: tuple[str, ...] = field(default_factory=tuple)
+    #: The promotion to the ladder's last step: the challenger becomes the champion.
+    final: bool = False
 
 
 def summarise(
@@ -202,8 +204,9 @@ def decide(policy: PromotionPolicy, stats: CanaryStats, current_weight: float) -
                                      "set a weight by hand to start a rollout",))  # fmt: skip
     if current_weight >= policy.steps[-1]:
         return Verdict("hold", current_weight, (
-            f"challenger at {current_weight:g} %: promotion complete; make it the champion "
-            "by hand (edit champion, remove the challenger)",
+            f"challenger at {current_weight:g} % (set by hand): the top step; the champion has "
+            "no traffic to compare with, so the controller neither judges nor swaps: lower "
+            "the weight, or swap the champion by hand",
         ))  # fmt: skip
     short = [
         f"{a.arm}: {a.count} answers < min_samples {policy.min_samples}"
@@ -241,4 +244,10 @@ def decide(policy: PromotionPolicy, stats: CanaryStats, current_weight: float) -
         return Verdict("rollback", 0.0, tuple(f"breach: {b}" for b in breaches) + tuple(passes))
     step = policy.next_step(current_weight)
     assert step is not None  # current_weight < steps[-1]
+    if step == policy.steps[-1]:  # the last step is the swap: the champion arm keeps nothing
+        return Verdict("promote", step, (
+            f"all gates pass: {current_weight:g} -> {step:g} %: final step, the challenger "
+            "becomes the champion (the old champion stays at 0 % as the rollback target)",
+            *passes,
+        ), final=True)  # fmt: skip
     return Verdict("promote", step, (f"all gates pass: {current_weight:g} -> {step:g} %", *passes))

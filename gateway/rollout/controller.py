@@ -1,21 +1,33 @@
 """The canary promotion controller: measure, decide, edit the route file, record why.
 
-One evaluation reads the route file, finds its one challenger, gathers the window's stats
-from the prediction log, asks `decide`, and applies the verdict through `set_weight` (the
-code behind `routes set-weight`): the same YAML a human edits, rewritten with comments kept,
-validated as the gateway would, and swapped in atomically. The gateway's hot reloader picks
-it up like any human edit. Every evaluation (holds and dry runs too) appends one JSON line to
-`<record_dir>/<model>.jsonl` and logs `rollout_decision`.
+One evaluation reads the route file, finds its one challenger with traffic, gathers the
+window's stats from the prediction log, asks `decide`, and applies the verdict to the same
+YAML a human edits (gateway/routing/edit.py: comments kept, validated as the gateway would,
+swapped in atomically); the gateway's hot reloader picks it up like any human edit.
 
-At the top step (100 %) the controller stops: the challenger keeps all the traffic and the
-verdict says "promotion complete". Swapping champion and challenger is left to a human, so
-the final, irreversible edit is a deliberate one and the automatic path only ever touches
-one number.
+- **One actor across replicas.** Only the holder of the model's Redis lease acts
+  (gateway/rollout/lease.py); the others stand by. Its fencing token is checked again right
+  before every route write, so a controller that lost the lease mid-evaluation writes nothing.
+- **A human edit wins.** The policy_version of the last file the controller wrote is kept in
+  Redis. A file whose hash differs was edited by someone else: the controller writes nothing
+  in that step, adopts the edit as its new starting point, and judges later steps only on
+  traffic served under it (stats count only the current policy_version).
+- **The final promotion swaps the champion** (routing/edit.py `render_swap`): the challenger
+  becomes the champion and the old champion stays in the challenger list at weight 0, the
+  rollback target. Zero-weight challengers are ignored when picking the one to roll out.
+- **Audit.** Every evaluation the leader (or a dry run) makes goes to the Redis stream
+  `<prefix>:audit:<model>` and to the log (`rollout_audit`): who (controller id, OS user),
+  what, when, old and new weight, champion before and after, the reasons and the stats. It is
+  also appended to `<record_dir>/<model>.jsonl`, which `rollout report` and the status page read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import getpass
+import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,16 +37,35 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import RedisError
 
+from gateway.errors import StreamUnavailable
 from gateway.predlog.feedback import LabelStore
 from gateway.rollout.analysis import CanaryStats, PromotionPolicy, Verdict, decide, gather_stats
-from gateway.routing.edit import set_weight
+from gateway.rollout.lease import Lease
+from gateway.routing.edit import render_swap, render_weight, write_route
 from gateway.routing.split import BUCKETS, Arm
-from gateway.routing.table import Route, RouteError, parse_route
+from gateway.routing.table import Route, RouteError, parse_route, policy_version
 
 
 class RolloutError(ValueError):
-    """The route cannot be rolled out automatically (no route, zero or several challengers)."""
+    """The route cannot be rolled out automatically (no route, several active challengers)."""
+
+
+def text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def default_controller_id() -> str:
+    """Who acts, for the lease and the audit: OS user, host, pid and a random suffix."""
+    return f"{os_user()}@{socket.gethostname()}:{os.getpid()}/{secrets.token_hex(3)}"
+
+
+def os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return f"uid{os.getuid()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +76,18 @@ class Evaluation:
     from_weight: float
     to_weight: float
     verdict: Verdict
-    stats: CanaryStats
+    stats: CanaryStats | None  # None: not measured (another controller holds the lease)
     applied: bool  # the route file was rewritten
     dry_run: bool
     ts: float
+    swap: bool = False  # the applied step made the challenger the champion
+    leader: bool = True  # False: this controller stood by; nothing recorded
+    controller: str = ""
+    token: int | None = None
+    champion_before: str = ""
+    champion_after: str = ""
+    policy_before: str = ""
+    policy_after: str = ""
 
     def record(self) -> dict[str, Any]:
         return {
@@ -61,8 +100,16 @@ class Evaluation:
             "to_weight": self.to_weight,
             "applied": self.applied,
             "dry_run": self.dry_run,
+            "swap": self.swap,
             "reasons": list(self.verdict.reasons),
-            "stats": self.stats.to_dict(),
+            "stats": None if self.stats is None else self.stats.to_dict(),
+            "controller": self.controller,
+            "os_user": os_user(),
+            "token": self.token,
+            "champion_before": self.champion_before,
+            "champion_after": self.champion_after,
+            "policy_before": self.policy_before,
+            "policy_after": self.policy_after,
         }
 
 
@@ -79,7 +126,11 @@ class RolloutController:
         wall: Callable[[], float] = time.time,
         dry_run: bool = False,
         validation: Any = None,
-        audit: Any = None,  # gateway.audit.AuditLog: each applied weight change is recorded
+        controller_id: str | None = None,
+        key_prefix: str = "rollout",
+        lease_ttl_s: float = 180.0,
+        audit_maxlen: int = 10_000,
+        audit: Any = None,  # gateway.audit.AuditLog: each applied change also goes there
     ) -> None:
         self.client = client
         self.labels = labels
@@ -91,14 +142,77 @@ class RolloutController:
         self.wall = wall
         self.dry_run = dry_run
         self.validation = validation  # ValidationGate: no step up without a passing report
+        self.controller_id = controller_id or default_controller_id()
+        self.key_prefix = key_prefix
+        self.lease_ttl_s = lease_ttl_s
+        self.audit_maxlen = audit_maxlen
         self.audit = audit
         self.log = structlog.get_logger("gateway.rollout")
 
+    def lease(self, model: str) -> Lease:
+        return Lease(self.client, self.key_prefix, model, self.controller_id, self.lease_ttl_s)
+
+    def audit_stream(self, model: str) -> str:
+        return f"{self.key_prefix}:audit:{model}"
+
+    def written_key(self, model: str) -> str:
+        return f"{self.key_prefix}:written:{model}"
+
     async def evaluate_once(self, model: str) -> Evaluation:
-        route = self._route(model)
-        challenger = _challenger(route)
+        route = self.route(model)
+        challenger = active_challenger(route)
         weight = challenger.buckets * 100 / BUCKETS
-        stats = await gather_stats(
+        base: dict[str, Any] = {
+            "model": model, "source": route.source, "challenger": str(challenger.target),
+            "from_weight": weight, "dry_run": self.dry_run, "controller": self.controller_id,
+            "champion_before": str(route.champion), "policy_before": route.policy_version,
+        }  # fmt: skip
+        token = None
+        if not self.dry_run:  # a dry run never writes, so it needs no lease
+            token = await self.lease(model).acquire()
+            if token is None:
+                holder = await self.lease(model).current()
+                who = holder.holder if holder is not None else "another controller"
+                reason = f"standing by: {who} holds the rollout lease of {model}"
+                self.log.debug("rollout_standby", model=model, holder=who)
+                return Evaluation(**base, to_weight=weight, verdict=Verdict("hold", weight,
+                                  (reason,)), stats=None, applied=False, ts=self.wall(),
+                                  leader=False)  # fmt: skip
+        stats = await self.gather(model, route, challenger)
+        verdict = decide(self.policy, stats, weight)
+        refused = (
+            self.validation.refusal(challenger.target.model, challenger.target.version)
+            if self.validation is not None and verdict.next_weight > weight
+            else None
+        )
+        if refused is not None:  # the gate: no step up for a version without a passing report
+            verdict = Verdict("hold", weight, (f"validation gate: {refused}",))
+        foreign = None if self.dry_run else await self._foreign_edit(model, route)
+        if foreign is not None:
+            verdict = Verdict("hold", weight, (foreign,))
+        applied, after = False, route
+        if verdict.next_weight != weight and not self.dry_run:
+            assert token is not None
+            verdict, after = await self._apply(model, route, challenger, verdict, token)
+            applied = after is not route
+        ev = Evaluation(
+            **base,
+            to_weight=verdict.next_weight,
+            verdict=verdict,
+            stats=stats,
+            applied=applied,
+            ts=self.wall(),
+            swap=applied and verdict.final,
+            token=token,
+            champion_after=str(after.champion),
+            policy_after=after.policy_version,
+        )
+        await self._record(ev)
+        return ev
+
+    async def gather(self, model: str, route: Route, challenger: Arm) -> CanaryStats:
+        """The analysis window's stats of both arms under the route's current policy."""
+        return await gather_stats(
             self.client,
             self.labels,
             f"{self.stream_prefix}:{model}",
@@ -108,48 +222,61 @@ class RolloutController:
             window_s=self.policy.window_s,
             wall=self.wall,
         )
-        verdict = decide(self.policy, stats, weight)
-        applied = False
-        refused = (
-            self.validation.refusal(challenger.target.model, challenger.target.version)
-            if self.validation is not None and verdict.next_weight > weight
-            else None
+
+    async def _foreign_edit(self, model: str, route: Route) -> str | None:
+        """Why this step must not write (the file is not the one the controller last wrote),
+        or None. Either way the current file becomes the baseline the next step compares to."""
+        try:
+            raw = await self.client.get(self.written_key(model))
+            written = None if raw is None else text(raw)
+            if written != route.policy_version:
+                await self.client.set(self.written_key(model), route.policy_version)
+        except (RedisError, OSError) as exc:
+            raise StreamUnavailable(f"rollout state read failed: {exc}") from exc
+        if written is None or written == route.policy_version:
+            return None
+        return (
+            f"route edited outside the controller since its last write ({written} -> "
+            f"{route.policy_version}): the edit stands, nothing written; later steps are "
+            "judged on traffic under the edited file"
         )
-        if refused is not None:  # the gate: no step up for a version without a passing report
-            verdict = Verdict("hold", weight, (f"validation gate: {refused}",))
-        if verdict.next_weight != weight and not self.dry_run:
-            # The file may have been edited while we measured: then the stats describe a
-            # policy that is gone, so decide again next time rather than overwrite the edit.
-            if self._route(model).policy_version != route.policy_version:
-                verdict = Verdict(
-                    "hold", weight, ("route file changed during the evaluation; not applied",)
-                )
-            else:
-                set_weight(
-                    self.routes_dir,
-                    model,
-                    challenger.target.version,
-                    verdict.next_weight,
-                    challenger.target.model,
-                    self.catalog,
-                    validation=self.validation,
-                    audit=self.audit,
-                )
-                applied = True
-        evaluation = Evaluation(
-            model=model,
-            source=route.source,
-            challenger=str(challenger.target),
-            from_weight=weight,
-            to_weight=verdict.next_weight,
-            verdict=verdict,
-            stats=stats,
-            applied=applied,
-            dry_run=self.dry_run,
-            ts=self.wall(),
-        )
-        self._record(evaluation)
-        return evaluation
+
+    async def _apply(
+        self, model: str, route: Route, challenger: Arm, verdict: Verdict, token: int
+    ) -> tuple[Verdict, Route]:
+        """Write the verdict if the file is unchanged and the lease still ours; returns the
+        verdict (a hold when it was not written) and the route now on disk."""
+        weight = challenger.buckets * 100 / BUCKETS
+        # The file may have been edited while we measured: then the stats describe a policy
+        # that is gone, so decide again next time rather than overwrite the edit.
+        if self.route(model).policy_version != route.policy_version:
+            return Verdict("hold", weight, ("route file changed during the evaluation; "
+                                            "not applied",)), route  # fmt: skip
+        t = challenger.target
+        if verdict.final:
+            path, content = render_swap(self.routes_dir, model, t.version, t.model,
+                                        self.catalog, self.validation)  # fmt: skip
+        else:
+            path, content = render_weight(self.routes_dir, model, t.version, verdict.next_weight,
+                                          t.model, self.catalog, self.validation)  # fmt: skip
+        if not await self.lease(model).check(token):  # fenced: a newer leader may be acting
+            return Verdict("hold", weight, (f"lease lost before the write (token {token} is "
+                                            "no longer current): not applied",)), route  # fmt: skip
+        write_route(path, content)
+        new = parse_route(content, str(path))
+        if self.audit is not None:  # the gateway-wide audit stream (`audit tail`) too
+            self.audit.record(
+                "route.swap_champion" if verdict.final else "route.set_weight",
+                f"{model}/{t.model}@{t.version}",
+                weight,
+                100.0 if verdict.final else verdict.next_weight,
+                detail={"route_file": str(path), "lease_token": token},
+            )
+        try:
+            await self.client.set(self.written_key(model), policy_version(content))
+        except (RedisError, OSError) as exc:  # the next step will take it for a human edit
+            self.log.error("rollout_state_write_failed", model=model, error=str(exc))
+        return verdict, new
 
     async def run(
         self,
@@ -161,32 +288,55 @@ class RolloutController:
         """Evaluate every `interval_s` until cancelled (or `iterations` times, for tests).
 
         A failing evaluation (Redis down, a route file a human broke) is logged and retried
-        at the next tick: the controller never edits on partial information.
+        at the next tick: the controller never edits on partial information. The lease is
+        released on the way out, so a standby takes over at its next tick.
         """
         done = 0
-        while iterations is None or done < iterations:
-            try:
-                await self.evaluate_once(model)
-            except (RolloutError, RouteError, OSError) as exc:
-                self.log.error("rollout_failed", model=model, error=str(exc))
-            except Exception as exc:  # SwitchyardError from Redis; keep the loop alive
-                self.log.error("rollout_failed", model=model, error=str(exc), exc_info=True)
-            done += 1
-            if iterations is None or done < iterations:
-                await sleep(interval_s)
+        try:
+            while iterations is None or done < iterations:
+                try:
+                    await self.evaluate_once(model)
+                except (RolloutError, RouteError, OSError) as exc:
+                    self.log.error("rollout_failed", model=model, error=str(exc))
+                except Exception as exc:  # SwitchyardError from Redis; keep the loop alive
+                    self.log.error("rollout_failed", model=model, error=str(exc), exc_info=True)
+                done += 1
+                if iterations is None or done < iterations:
+                    await sleep(interval_s)
+        finally:
+            await self.release(model)
+
+    async def release(self, model: str) -> None:
+        """Give the lease up if this controller holds it (a no-op otherwise)."""
+        lease = self.lease(model)
+        try:
+            holder = await lease.current()
+            if holder is not None and holder.holder == self.controller_id:
+                await lease.release(holder.token)
+        except StreamUnavailable as exc:  # it expires on its own
+            self.log.warning("rollout_release_failed", model=model, error=str(exc))
 
     def record_path(self, model: str) -> Path:
         return self.record_dir / f"{model}.jsonl"
 
-    def _record(self, ev: Evaluation) -> None:
+    async def _record(self, ev: Evaluation) -> None:
         record = ev.record()
         path = self.record_path(ev.model)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("ab") as fh:  # one write per line: appends from one process stay whole
             fh.write(orjson.dumps(record) + b"\n")
-        self.log.info("rollout_decision", **record)
+        self.log.info("rollout_audit", **record)
+        fields: dict[Any, Any] = {
+            k: v if isinstance(v, str) else orjson.dumps(v) for k, v in record.items()
+        }
+        try:
+            await self.client.xadd(
+                self.audit_stream(ev.model), fields, maxlen=self.audit_maxlen, approximate=True
+            )
+        except (RedisError, OSError) as exc:  # the log line and the record file have it
+            self.log.error("rollout_audit_failed", model=ev.model, error=str(exc))
 
-    def _route(self, model: str) -> Route:
+    def route(self, model: str) -> Route:
         """The route file of `model` (`<model>.yaml` first, then any file naming it)."""
         candidates = [self.routes_dir / f"{model}.yaml", *sorted(self.routes_dir.glob("*.yaml"))]
         for path in dict.fromkeys(candidates):
@@ -198,12 +348,16 @@ class RolloutController:
         raise RolloutError(f"{self.routes_dir}: no route file for model {model!r}")
 
 
-def _challenger(route: Route) -> Arm:
+def active_challenger(route: Route) -> Arm:
+    """The challenger being rolled out: the one with traffic. Zero-weight challengers (the
+    rollback target after a swap, a rolled-back canary) are ignored; with none active, the
+    last listed one is returned, and `decide` holds it at 0."""
     arms = [] if route.split is None else [a for a in route.split.arms if a.name != "champion"]
-    if len(arms) != 1:
-        names = ", ".join(str(a.target) for a in arms) or "none"
+    active = [a for a in arms if a.buckets > 0]
+    if len(active) > 1 or not arms:
+        names = ", ".join(str(a.target) for a in active) or "none"
         raise RolloutError(
-            f"{route.source}: the controller rolls out exactly one challenger per route; "
-            f"found {len(arms)} ({names})"
+            f"{route.source}: the controller rolls out exactly one challenger with traffic per "
+            f"route; found {len(active) if arms else 0} ({names})"
         )
-    return arms[0]
+    return active[0] if active else arms[-1]

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gateway.routing.split import BUCKETS
+
 
 def set_weight(
     routes_dir: Path,
@@ -28,14 +30,99 @@ def set_weight(
     ``validation`` (a `gateway.registry.report.ValidationGate`) refuses a weight above 0 for a
     version without a passing report; 0 (a rollback) is always allowed. ``audit`` (a
     `gateway.audit.AuditLog`) records the change, old weight and new, once it is written."""
-    from ruamel.yaml import YAML
+    old = _current_weight(routes_dir, model, version, target)
+    path, content = render_weight(routes_dir, model, version, weight, target, catalog, validation)
+    write_route(path, content)
+    if audit is not None:
+        audit.record(
+            "route.set_weight",
+            f"{model}/{target or model}@{version}",
+            old,
+            float(weight),
+            detail={"route_file": str(path)},
+        )
+    return path
 
-    from gateway.routing.table import RouteError, check_targets, parse_route
+
+def _current_weight(routes_dir: Path, model: str, version: str, target: str | None) -> float | None:
+    """The challenger's weight in the file now (None: not a challenger yet)."""
+    from gateway.routing.table import RouteError, parse_route
+
+    for path in sorted(routes_dir.glob("*.yaml")):
+        try:
+            route = parse_route(path.read_bytes(), str(path))
+        except (OSError, RouteError):
+            continue
+        if route.name != model or route.split is None:
+            continue
+        for arm in route.split.arms:
+            if arm.target.version == version and arm.target.model == (target or arm.target.model):
+                return arm.buckets * 100 / BUCKETS
+    return None
+
+
+def render_weight(
+    routes_dir: Path,
+    model: str,
+    version: str,
+    weight: float,
+    target: str | None = None,
+    catalog: Any = None,
+    validation: Any = None,
+) -> tuple[Path, bytes]:
+    """`set_weight` without the write: the file and its new, validated content."""
+    yaml = _yaml()
+    path, doc = _find_route(routes_dir, model, yaml)
+    match = _challenger(path, doc, version, target)
+    if validation is not None and weight > 0:
+        from gateway.routing.table import Target
+
+        validation.require([Target(str(match.get("target")), version)])
+    match["weight"] = int(weight) if float(weight).is_integer() else weight
+    return path, _dump(path, doc, yaml, catalog)
+
+
+def render_swap(
+    routes_dir: Path,
+    model: str,
+    version: str,
+    target: str | None = None,
+    catalog: Any = None,
+    validation: Any = None,
+) -> tuple[Path, bytes]:
+    """The champion swap: the challenger ``target@version`` becomes the champion, and the old
+    champion takes the challenger's place in the list at weight 0, its sticky key kept: the
+    rollback target, one `set-weight` (or swap) away. Comments and layout survive."""
+    yaml = _yaml()
+    path, doc = _find_route(routes_dir, model, yaml)
+    match = _challenger(path, doc, version, target)
+    champion = doc.get("champion")
+    if champion is None:
+        from gateway.routing.table import RouteError
+
+        raise RouteError(f"{path}: no champion to swap")
+    if validation is not None:
+        from gateway.routing.table import Target
+
+        validation.require([Target(str(match.get("target")), version)])
+    for key in ("target", "version"):  # the loaded scalars move, with their quote style
+        champion[key], match[key] = match[key], champion[key]
+    match["weight"] = 0
+    return path, _dump(path, doc, yaml, catalog)
+
+
+def _yaml() -> Any:
+    from ruamel.yaml import YAML
 
     yaml = YAML()  # round-trip: comments, order, flow style and quotes survive
     yaml.preserve_quotes = True
     yaml.width = 4096  # never re-wrap long flow mappings
-    path, doc = _find_route(routes_dir, model, yaml)
+    return yaml
+
+
+def _challenger(path: Path, doc: Any, version: str, target: str | None) -> Any:
+    from gateway.routing.table import RouteError
+
     challengers = doc.get("challengers") or []
     matches = [
         c
@@ -52,28 +139,19 @@ def set_weight(
         raise RouteError(f"{path}: no challenger with version {version!r}{hint}")
     if len(matches) > 1:
         raise RouteError(f"{path}: several challengers have version {version!r}; pass --target")
-    if validation is not None and weight > 0:
-        from gateway.routing.table import Target
+    return matches[0]
 
-        validation.require([Target(str(matches[0].get("target")), version)])
-    old = matches[0].get("weight")
-    matches[0]["weight"] = int(weight) if float(weight).is_integer() else weight
+
+def _dump(path: Path, doc: Any, yaml: Any, catalog: Any) -> bytes:
+    from gateway.routing.table import check_targets, parse_route
+
     out = io.StringIO()
     yaml.dump(doc, out)
     content = out.getvalue().encode()
     route = parse_route(content, str(path))  # never write what the gateway would reject
     if catalog is not None:
         check_targets(route, catalog)
-    _atomic_write(path, content)
-    if audit is not None:
-        audit.record(
-            "route.set_weight",
-            f"{model}/{matches[0].get('target')}@{version}",
-            None if old is None else float(old),
-            float(weight),
-            detail={"route_file": str(path)},
-        )
-    return path
+    return content
 
 
 def _find_route(routes_dir: Path, model: str, yaml: Any) -> tuple[Path, Any]:
@@ -95,7 +173,8 @@ def _find_route(routes_dir: Path, model: str, yaml: Any) -> tuple[Path, Any]:
     raise RouteError(f"{routes_dir}: no route file for model {model!r}")
 
 
-def _atomic_write(path: Path, content: bytes) -> None:
+def write_route(path: Path, content: bytes) -> None:
+    """Replace `path` with `content` atomically (temp file, fsync, rename)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:

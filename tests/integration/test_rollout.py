@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,8 @@ def controller(client: aioredis.Redis, routes: Path, tmp_path: Path) -> RolloutC
         policy=POLICY,
         record_dir=tmp_path / "rollout",
         wall=FakeClock(time.time() + 1.0),  # after every entry was written; never moves
+        controller_id="test-controller",  # one controller across the steps of a test
+        key_prefix=f"rollout-test-{uuid.uuid4().hex[:8]}",
     )
 
 

@@ -103,7 +103,7 @@ def test_status_page_shows_weights_and_follows_set_weight(
         ("risk", "champion"): "90",
         ("risk", "challenger:risk@1"): "10",
     }
-    assert "drift tracking not enabled" in dom and "10 %: off the ladder" in dom
+    assert "no drift measured yet" in dom and "10 %: off the ladder" in dom  # no traffic yet
 
     edit = subprocess.run(
         [sys.executable, "-m", "gateway", "routes", "set-weight", "risk", "--version", "1",

@@ -33,6 +33,8 @@ REQUIRED = {
         "route_reloads_total",  # recent deploys
         "fallback_total",
         "breaker_state",
+        "feature_drift_psi",  # drift against the training distribution (gateway/drift)
+        "prediction_drift_psi",
     },
     "switchyard-debug": {
         "inference_latency_seconds_count",  # traffic per version

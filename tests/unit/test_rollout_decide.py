@@ -36,11 +36,12 @@ def test_promotes_one_step_of_the_ladder(current: float, expected: float) -> Non
     v = decide(POLICY, stats(), current)
     assert (v.action, v.next_weight) == ("promote", expected)
     assert any("accuracy not gating" in r for r in v.reasons)  # no labels: said, not gated
+    assert v.final == (expected == POLICY.steps[-1])  # the last step is the champion swap
 
 
 def test_top_of_the_ladder_and_zero_hold() -> None:
     v = decide(POLICY, stats(chall_p99=999), 100)
-    assert (v.action, v.next_weight) == ("hold", 100) and "complete" in v.reasons[0]
+    assert (v.action, v.next_weight) == ("hold", 100) and "top step" in v.reasons[0]
     v = decide(POLICY, stats(), 0)
     assert (v.action, v.next_weight) == ("hold", 0)
 
@@ -132,6 +133,13 @@ async def test_loop_survives_a_failing_evaluation_and_sleeps_its_interval(tmp_pa
 
     # no route file: every evaluation fails (RolloutError), is logged, and the loop goes on
     c = RolloutController(None, None, tmp_path, POLICY, tmp_path / "rec")  # type: ignore[arg-type]
+    released: list[str] = []
+
+    async def release(model: str) -> None:  # no Redis here: the lease is never taken
+        released.append(model)
+
+    c.release = release  # type: ignore[method-assign]
     await c.run("risk", 60.0, sleep=sleep, iterations=3)
+    assert released == ["risk"]  # given up on the way out
     assert slept == [60.0, 60.0]
     assert not (tmp_path / "rec").exists()  # nothing decided, nothing recorded
