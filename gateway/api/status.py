@@ -135,7 +135,7 @@ def _stage(policy: PromotionPolicy, weight: float) -> str:
     if weight <= 0:
         return "0 %: not started or rolled back"
     if weight >= steps[-1]:
-        return f"{weight:g} %: promotion complete, awaiting the champion swap"
+        return f"{weight:g} %: promotion complete; the controller swaps the champion next"
     if weight in steps:
         return f"{weight:g} %: step {steps.index(weight) + 1} of {len(steps)}"
     nxt = policy.next_step(weight)

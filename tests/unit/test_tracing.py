@@ -38,7 +38,10 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 SAMPLED = f"00-{TRACE_ID}-{CLIENT_SPAN}-01"
 UNSAMPLED = f"00-{TRACE_ID}-{CLIENT_SPAN}-00"
-BODY = {"model_name": "toy", "entity_id": "e-1", "features": {"a": 1.0, "b": 2.0, "c": 3.0}}
+# A generous deadline: on a loaded machine the route's own (2 x its 100 ms p99) could turn a
+# span-tree test into a fallback test.
+BODY = {"model_name": "toy", "entity_id": "e-1", "features": {"a": 1.0, "b": 2.0, "c": 3.0},
+        "context": {"deadline_ms": 10_000}}  # fmt: skip
 
 
 class Stack:
