@@ -173,6 +173,19 @@ def test_non_finite_input_is_rejected(client):
         infer(client, "risk", 1, x, ["score"])
 
 
+def _without_warmup(config: str) -> str:
+    """A config.pbtxt with its top-level ``model_warmup [...]`` block cut out."""
+    start = config.find("model_warmup [")
+    if start < 0:
+        return config
+    depth, i = 0, config.index("[", start)
+    for i in range(i, len(config)):
+        depth += {"[": 1, "]": -1}.get(config[i], 0)
+        if depth == 0:
+            break
+    return config[:start] + config[i + 1 :]
+
+
 def test_tampered_versions_fail_to_load_others_serve(tmp_path, triton_factory):
     """A version whose files do not match its manifest never becomes READY.
 
@@ -182,6 +195,12 @@ def test_tampered_versions_fail_to_load_others_serve(tmp_path, triton_factory):
     """
     repo = tmp_path / "model_repository"
     shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    # Without warm-up here: tritonserver 2.51 can crash (SIGSEGV, "Non-graceful termination"
+    # of the stub) when a model's good version is unloaded, because a sibling version failed,
+    # while that good version is still warming up. Seen in CI; the integrity check is what
+    # this test is about, and docs/lifecycle.md says how to avoid the race in production.
+    for config in repo.glob("*/config.pbtxt"):
+        config.write_text(_without_warmup(config.read_text()))
     weights = repo / "risk" / "2" / "weights.npz"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01  # inside array data: still a loadable npz, only the hash differs
