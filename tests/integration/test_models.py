@@ -178,12 +178,12 @@ def _without_warmup(config: str) -> str:
     start = config.find("model_warmup [")
     if start < 0:
         return config
-    depth, i = 0, config.index("[", start)
-    for i in range(i, len(config)):
-        depth += {"[": 1, "]": -1}.get(config[i], 0)
+    depth, opened = 0, config.index("[", start)
+    for end in range(opened, len(config)):
+        depth += {"[": 1, "]": -1}.get(config[end], 0)
         if depth == 0:
-            break
-    return config[:start] + config[i + 1 :]
+            return config[:start] + config[end + 1 :]
+    return config
 
 
 def test_tampered_versions_fail_to_load_others_serve(tmp_path, triton_factory):
