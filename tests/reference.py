@@ -53,3 +53,20 @@ def reference(
         "confidence": probs.max(axis=1),
         "probabilities": probs,
     }
+
+
+def without_warmup(config: str) -> str:
+    """A config.pbtxt with its top-level ``model_warmup [...]`` block cut out.
+
+    For tests that make a model version fail to load: tritonserver 2.51 can crash (SIGSEGV)
+    when a version still warming up is unloaded because a sibling version failed
+    (docs/lifecycle.md, "A Triton crash to know about")."""
+    start = config.find("model_warmup [")
+    if start < 0:
+        return config
+    depth, opened = 0, config.index("[", start)
+    for end in range(opened, len(config)):
+        depth += {"[": 1, "]": -1}.get(config[end], 0)
+        if depth == 0:
+            return config[:start] + config[end + 1 :]
+    return config

@@ -55,7 +55,12 @@ def _locust(repo_root: Path, url: str, prefix: Path, *extra: str) -> subprocess.
 def test_locust_scenario_runs_headless_and_writes_reports(
     gateway: GatewayProcess, repo_root: Path, tmp_path: Path
 ) -> None:
-    proc = _locust(repo_root, gateway.url, tmp_path / "steady", "--run-time", "8s")
+    # The scenario's own p99 bound (100 ms) is a benchmark's verdict, not this test's: on 2
+    # shared cores with locust beside the gateway it swings past it. Here a generous bound
+    # checks the machinery; test_locust_exits_1_when_a_threshold_fails proves a bound fails a run.
+    proc = _locust(
+        repo_root, gateway.url, tmp_path / "steady", "--run-time", "8s", "--max-p99-ms", "2000"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "thresholds ok" in proc.stdout
     with (tmp_path / "steady_stats.csv").open() as f:

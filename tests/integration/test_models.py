@@ -19,7 +19,7 @@ import tritonclient.grpc as tritonclient_grpc
 
 from gateway.tritonserver import TritonServer
 from tests.reference import load_version as _load_version
-from tests.reference import reference
+from tests.reference import reference, without_warmup
 
 pytestmark = pytest.mark.integration
 
@@ -173,19 +173,6 @@ def test_non_finite_input_is_rejected(client):
         infer(client, "risk", 1, x, ["score"])
 
 
-def _without_warmup(config: str) -> str:
-    """A config.pbtxt with its top-level ``model_warmup [...]`` block cut out."""
-    start = config.find("model_warmup [")
-    if start < 0:
-        return config
-    depth, opened = 0, config.index("[", start)
-    for end in range(opened, len(config)):
-        depth += {"[": 1, "]": -1}.get(config[end], 0)
-        if depth == 0:
-            return config[:start] + config[end + 1 :]
-    return config
-
-
 def test_tampered_versions_fail_to_load_others_serve(tmp_path, triton_factory):
     """A version whose files do not match its manifest never becomes READY.
 
@@ -200,7 +187,7 @@ def test_tampered_versions_fail_to_load_others_serve(tmp_path, triton_factory):
     # while that good version is still warming up. Seen in CI; the integrity check is what
     # this test is about, and docs/lifecycle.md says how to avoid the race in production.
     for config in repo.glob("*/config.pbtxt"):
-        config.write_text(_without_warmup(config.read_text()))
+        config.write_text(without_warmup(config.read_text()))
     weights = repo / "risk" / "2" / "weights.npz"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01  # inside array data: still a loadable npz, only the hash differs

@@ -17,6 +17,7 @@ from gateway.routing.readiness import VersionGate
 from gateway.routing.reload import RouteReloader
 from gateway.routing.table import RouteTableRef, load_route_table
 from gateway.tritonserver import TritonServer
+from tests.reference import without_warmup
 
 ROUTE = """model: risk
 champion: {target: risk, version: "%s"}
@@ -32,6 +33,8 @@ def make_repo(repo_root: Path, tmp: Path) -> Path:
             repo / model,
             ignore=shutil.ignore_patterns("__pycache__"),
         )
+        config = repo / model / "config.pbtxt"  # v3 fails to load: no warm-up race (see helper)
+        config.write_text(without_warmup(config.read_text()))
     # v3: corrupt weights (the sha256 check in initialize fails: Triton cannot load it).
     shutil.copytree(repo / "risk" / "2", repo / "risk" / "3")
     (repo / "risk" / "3" / "weights.npz").write_bytes(b"not weights")
