@@ -20,7 +20,12 @@ import duckdb
 import orjson
 
 from gateway.archive.store import PREDICTIONS, ArchiveStore
-from gateway.predlog.feedback import ArmAccuracy, JoinReport, LabelStore, is_correct
+from gateway.predlog.feedback import (
+    JoinReport,
+    LabelStore,
+    count_labelled,
+    join_report,
+)
 from gateway.rollout.analysis import CanaryStats, summarise
 
 #: What the join and the analysis read of an entry.
@@ -104,16 +109,8 @@ async def join_labels_archive(
     seen = 0
     for entries in reader.entries(models, start, chunk=chunk):
         seen += len(entries)
-        found = await labels.get_many([str(e.get("request_id")) for e in entries])
-        for e, label in zip(entries, found, strict=True):
-            if label is None:
-                continue
-            key = (str(e.get("model")), str(e.get("version")), str(e.get("arm")))
-            c = counts.setdefault(key, [0, 0])
-            c[0] += 1
-            c[1] += is_correct(e.get("output"), label)
-    arms = tuple(ArmAccuracy(m, v, a, n, ok) for (m, v, a), (n, ok) in sorted(counts.items()))
-    return JoinReport(arms, seen)
+        await count_labelled(entries, labels, counts)
+    return join_report(counts, seen)
 
 
 async def gather_stats_archive(

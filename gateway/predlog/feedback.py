@@ -195,20 +195,32 @@ async def join_labels(
                     break
                 entries = [decode_fields(fields or {}) for _, fields in rows]
                 seen += len(entries)
-                found = await labels.get_many([str(e.get("request_id")) for e in entries])
-                for e, label in zip(entries, found, strict=True):
-                    if label is None:
-                        continue
-                    key = (str(e.get("model")), str(e.get("version")), str(e.get("arm")))
-                    c = counts.setdefault(key, [0, 0])
-                    c[0] += 1
-                    c[1] += is_correct(e.get("output"), label)
+                await count_labelled(entries, labels, counts)
                 last = rows[-1][0]
                 cursor = "(" + (last.decode() if isinstance(last, bytes) else str(last))
                 if len(rows) < chunk:
                     break
     except (RedisError, OSError) as exc:
         raise FeedbackUnavailable(f"label join failed: {exc}") from exc
+    return join_report(counts, seen)
+
+
+async def count_labelled(
+    entries: list[dict[str, Any]], labels: LabelStore, counts: dict[tuple[str, str, str], list[int]]
+) -> None:
+    """Add one chunk of decoded entries to ``counts``: (model, version, arm) -> [labelled,
+    correct]. Shared by the Redis join and the archive's (the same numbers from either)."""
+    found = await labels.get_many([str(e.get("request_id")) for e in entries])
+    for e, label in zip(entries, found, strict=True):
+        if label is None:
+            continue
+        key = (str(e.get("model")), str(e.get("version")), str(e.get("arm")))
+        c = counts.setdefault(key, [0, 0])
+        c[0] += 1
+        c[1] += is_correct(e.get("output"), label)
+
+
+def join_report(counts: dict[tuple[str, str, str], list[int]], seen: int) -> JoinReport:
     arms = tuple(ArmAccuracy(m, v, a, n, ok) for (m, v, a), (n, ok) in sorted(counts.items()))
     return JoinReport(arms, seen)
 
