@@ -31,10 +31,26 @@ def add_promote_parser(sub: Any) -> None:
     p.set_defaults(handler=cmd_promote)
 
 
+def _redis_settings(args: argparse.Namespace) -> Any:
+    """Settings from ``--config`` and ``--redis-url``, or None (the error printed) when they
+    do not load or name no Redis: every rollout command reads the prediction log there."""
+    from gateway.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(args.config if args.config.exists() else None,
+                                 redis_url=args.redis_url)  # fmt: skip
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    if not settings.redis.url:
+        print("error: redis.url is empty; the prediction log is read from Redis", file=sys.stderr)
+        return None
+    return settings
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from gateway.audit import AuditLog
     from gateway.catalog import ModelCatalog
-    from gateway.config import ConfigError, load_settings
     from gateway.errors import SwitchyardError
     from gateway.log import configure_logging
     from gateway.observability import redis_client
@@ -43,14 +59,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from gateway.rollout.controller import RolloutController, RolloutError
     from gateway.routing.table import RouteError
 
-    try:
-        settings = load_settings(args.config if args.config.exists() else None,
-                                 redis_url=args.redis_url)  # fmt: skip
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not settings.redis.url:
-        print("error: redis.url is empty; the prediction log is read from Redis", file=sys.stderr)
+    settings = _redis_settings(args)
+    if settings is None:
         return 2
     configure_logging(settings.log.level, json=settings.log.json)
     repo = settings.routing.model_repository
@@ -130,20 +140,13 @@ def add_rollout_parser(sub: Any) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     import time
 
-    from gateway.config import ConfigError, load_settings
     from gateway.errors import SwitchyardError
     from gateway.observability import redis_client
     from gateway.predlog.feedback import LabelStore
     from gateway.rollout import report, report_data
 
-    try:
-        settings = load_settings(args.config if args.config.exists() else None,
-                                 redis_url=args.redis_url)  # fmt: skip
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not settings.redis.url:
-        print("error: redis.url is empty; the prediction log is read from Redis", file=sys.stderr)
+    settings = _redis_settings(args)
+    if settings is None:
         return 2
 
     async def read() -> list[report_data.Answer]:
