@@ -3,6 +3,11 @@
     python model_repository/train.py            # (re)build everything in place
     python model_repository/train.py --out DIR  # build into another directory (tests)
     python model_repository/train.py --force    # allow changing an existing version's bytes
+    python model_repository/train.py --candidate DIR [--risk-c C]
+                                                # a new `risk` candidate (logistic regression
+                                                # with regularisation C) as an artifact dir for
+                                                # `python -m gateway models publish`; the
+                                                # repository is not touched
 
 Re-running rewrites every artifact byte-identically on the same CPU (fixed seeds, no timestamps,
 fixed zip metadata in weights.npz). On another CPU, OpenBLAS picks other kernels and float64
@@ -610,9 +615,24 @@ GOLDEN_CASES = 8
 HISTOGRAM_BINS = 10
 
 
+# Versions published before artifacts carried a holdout score histogram: their manifests are
+# immutable, so their score reference for prediction drift cannot be added to them.
+PREDATES_SCORE_HISTOGRAM = {("risk", 1), ("risk", 2), ("risk_distilled", 1), ("digits", 1)}
+
+
+def holdout_scores(b: Built) -> np.ndarray:
+    """The score the served model returns for each holdout row (float32 inputs, as served)."""
+    logits = forward(b.weights, b.data.x_hold.astype(np.float32).astype(np.float64))
+    if b.output_activation == "sigmoid":
+        return sigmoid(logits[:, 0])
+    return softmax(logits).max(axis=1)
+
+
 def export_artifact(b: Built, dest: Path) -> Path:
     """Write `b` as an artifact dir for `python -m gateway models publish` (layout in
-    gateway/registry/layout.py): files/, training.json, golden.json, histograms.json."""
+    gateway/registry/layout.py): files/, training.json, golden.json, histograms.json (training
+    feature histograms and, for prediction drift, the holdout score histogram)."""
+    from gateway.registry.histograms import score_histogram
     from gateway.registry.histograms import quantile_histograms
 
     manifest = manifest_for(b, {})
@@ -630,9 +650,37 @@ def export_artifact(b: Built, dest: Path) -> Path:
     cases = [{k: v for k, v in c.items() if k != "atol"} for c in golden_rows(b)]
     golden = {"atol": EXPORT_ATOL, "cases": cases[:GOLDEN_CASES]}
     hist = quantile_histograms(b.data.x_train, b.data.feature_names, HISTOGRAM_BINS)
+    if (b.model, b.version) not in PREDATES_SCORE_HISTOGRAM:
+        hist["score"] = score_histogram(holdout_scores(b), HISTOGRAM_BINS)
     for name, doc in (("training", training), ("golden", golden), ("histograms", hist)):
         (dest / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     return dest
+
+
+def train_risk_candidate(data: Dataset, c: float) -> Built:
+    """The risk recipe of v1 (standardize + logistic regression) with another C: how a new
+    version is trained for `models publish`. Its version number is assigned at publish."""
+    hp = {"estimator": "LogisticRegression", "C": c, "max_iter": 5000, "solver": "lbfgs"}
+    scaler = StandardScaler().fit(data.x_train)
+    est = LogisticRegression(C=c, max_iter=5000, solver="lbfgs", random_state=SEED).fit(
+        scaler.transform(data.x_train), data.y_train
+    )
+    return _built_risk(0, data, hp, scaler, est, [est.coef_.T], [est.intercept_])
+
+
+def candidate(dest: Path, c: float) -> int:
+    if dest.exists() and any(dest.iterdir()):
+        raise SystemExit(f"{dest} exists and is not empty; give a new directory")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        warnings.filterwarnings(
+            "ignore", message=r".*`disp` and `iprint` options", category=DeprecationWarning
+        )
+        b = train_risk_candidate(load("breast_cancer"), c)
+    export_artifact(b, dest)
+    print(f"risk candidate (C={c}): {json.dumps(b.metrics, sort_keys=True)}")
+    print(f"artifact: {dest}  (publish: python -m gateway models publish {dest} --model risk)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -643,7 +691,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="allow rewriting existing version folders with different bytes",
     )
+    parser.add_argument(
+        "--candidate",
+        type=Path,
+        metavar="DIR",
+        help="write a new risk candidate's artifact dir here instead (nothing else is written)",
+    )
+    parser.add_argument(
+        "--risk-c", type=float, default=0.3, help="the candidate's regularisation C (small: weaker)"
+    )
     args = parser.parse_args(argv)
+    if args.candidate is not None:
+        return candidate(args.candidate, args.risk_c)
     built = build_all()
     with tempfile.TemporaryDirectory() as workdir:
         files, artifacts = render(built, Path(workdir))

@@ -1,7 +1,9 @@
 """`models validate`: run the validation checks against a real tritonserver, write the report.
 
-The route is the one whose champion serves the same Triton model (or `--route NAME`): its
-champion is the comparison for schema and metrics, its `slo.p99_ms` the latency budget.
+The route is the one whose champion serves the same Triton model, else the one whose fallback
+does (or `--route NAME`): its champion is the comparison for the schema, the version in the
+same role (its champion, or its fallback for a fallback model) for the holdout metrics, and its
+`slo.p99_ms` the latency budget.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def find_route(routes_dir: Path, model: str, name: str | None) -> Any:
         found = [r for r in routes if r.name == name]
     else:
         found = [r for r in routes if r.champion.model == model]
+        if not found:  # a fallback model (risk_distilled): the route it is the fallback of
+            found = [r for r in routes if r.fallback.target and r.fallback.target.model == model]
     if len(found) != 1:
         which = f"named {name!r}" if name else f"whose champion serves {model!r}"
         raise RegistryError(f"{routes_dir}: {len(found)} routes {which}; pass --route")

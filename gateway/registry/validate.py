@@ -51,13 +51,29 @@ class Check:
     detail: str
 
 
+def baseline_of(route: Route, model: str) -> Target:
+    """What a new version of `model` is compared with on holdout metrics: the version the
+    route runs in the same role. A fallback (a distilled model, meant to be smaller and a
+    little less accurate) is held to the route's current fallback, not to the champion."""
+    fallback = route.fallback.target
+    if route.champion.model != model and fallback is not None and fallback.model == model:
+        return fallback
+    return route.champion
+
+
 async def validate(
     repo: Path, model: str, version: str, route: Route, backend: TritonBackend, t: Thresholds
 ) -> dict[str, Any]:
     """Run every check; the report (passed or not) as a dict ready for `write_report`."""
     manifest = read_manifest(repo / model / version)
     champion = read_manifest(repo / route.champion.model / route.champion.version)
-    checks = [check_schema(manifest, champion, route), check_metrics(manifest, champion, route, t)]
+    base = baseline_of(route, model)
+    baseline = read_manifest(repo / base.model / base.version)
+    role = "champion" if base == route.champion else "fallback"
+    checks = [
+        check_schema(manifest, champion, route),
+        check_metrics(manifest, baseline, base, t, role),
+    ]
     static_ok = all(c.passed for c in checks)
     loaded = False
     if static_ok:
@@ -85,6 +101,7 @@ async def validate(
         "route": route.source,
         "policy_version": route.policy_version,
         "champion": str(route.champion),
+        "baseline": str(base),
         "server": backend.name,
         "thresholds": asdict(t),
         "validated_at": time.time(),
@@ -110,15 +127,21 @@ def check_schema(manifest: dict[str, Any], champion: dict[str, Any], route: Rout
 
 
 def check_metrics(
-    manifest: dict[str, Any], champion: dict[str, Any], route: Route, t: Thresholds
+    manifest: dict[str, Any],
+    champion: dict[str, Any],
+    against: Target,
+    t: Thresholds,
+    role: str = "champion",
 ) -> Check:
+    """Holdout metrics against `against` (the champion, or the route's fallback for a new
+    fallback version: `baseline_of`), whose manifest is `champion`."""
     mine, theirs = manifest.get("metrics", {}), champion.get("metrics", {})
     common = sorted(
         k for k in mine.keys() & theirs.keys()
         if isinstance(mine[k], int | float) and isinstance(theirs[k], int | float)
     )  # fmt: skip
     if not common:
-        return Check("metrics", False, f"no holdout metric in common with {route.champion}")
+        return Check("metrics", False, f"no holdout metric in common with {against}")
     worse = []
     for k in common:
         new, old = float(mine[k]), float(theirs[k])
@@ -128,8 +151,11 @@ def check_metrics(
         elif new < old - t.metric_margin:
             worse.append(f"{k} {new:g} < {old:g} - {t.metric_margin:g}")
     if worse:
-        return Check("metrics", False, f"worse than champion {route.champion}: " + "; ".join(worse))
-    return Check("metrics", True, f"{', '.join(common)} within margin of {route.champion}")
+        return Check("metrics", False, f"worse than {role} {against}: " + "; ".join(worse))
+    return Check("metrics", True, f"{', '.join(common)} within margin of {against}")
+
+
+
 
 
 async def check_golden(

@@ -181,7 +181,9 @@ async def test_grpc_deadline_is_the_request_deadline(client, app, monkeypatch) -
     monkeypatch.setattr(service, "infer", infer)
     await client.infer("toy", [features()], client_timeout=20)
     await client.infer("toy", [features()])  # no gRPC deadline: the default (1 s)
-    assert 15 < left[0] <= 20 and 0.5 < left[1] <= 1.0, left
+    # upper bounds decide it (20 s given, the 1 s default otherwise); the lower ones only say
+    # time was left, with slack for a loaded CI machine
+    assert 10 < left[0] <= 20 and 0 < left[1] <= 1.0, left
 
 
 async def test_passed_grpc_deadline_is_deadline_exceeded(client, backend) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.catalog import ModelCatalog
-from gateway.config import RoutingSettings
+from gateway.config import RoutingSettings, load_settings
 from gateway.registry.publish import publish
 from gateway.registry.report import ValidationGate, report_status, write_report
 from gateway.routing.edit import set_weight
@@ -63,6 +63,7 @@ def test_only_a_passing_report_for_the_current_content_lets_a_version_through(
     assert gate.refusal("risk", "3") is None
     assert report_status(repo, "risk", "3") == "validated"
     gate.require([Target("risk", "3")])
+    (repo / "risk" / "validation" / "2.json").unlink()  # the committed report, copied along
     with pytest.raises(RouteError, match="risk@2 has no validation report"):
         gate.require([Target("risk", "3"), Target("risk", "2")])
 
@@ -116,7 +117,16 @@ async def test_the_reloader_gate_refuses_before_loading_anything(
     await gate.check(live, live, catalog)  # nothing new: nothing to refuse
 
 
-def test_enforcement_is_off_by_default_and_documented(repo_root: Path) -> None:
+def test_the_shipped_config_enforces_the_gate(repo_root: Path) -> None:
+    # The library default stays off (a bare Settings() has no registry to read), the shipped
+    # config turns it on: every version a shipped route names has a committed passing report.
     assert RoutingSettings().require_validation is False
-    yaml_text = (repo_root / "configs" / "gateway.yaml").read_text()
-    assert "require_validation: false" in yaml_text
+    settings = load_settings(repo_root / "configs" / "gateway.yaml", env={}, base_dir=repo_root)
+    assert settings.routing.require_validation is True
+
+
+def test_every_shipped_routed_version_has_a_passing_report(repo_root: Path) -> None:
+    repo = repo_root / "model_repository"
+    catalog = ModelCatalog.load(repo)
+    table = load_route_table(repo_root / "configs" / "routes", catalog)
+    ValidationGate(repo).require(sorted(table.targets(), key=str))  # raises on any refusal
