@@ -632,8 +632,7 @@ def export_artifact(b: Built, dest: Path) -> Path:
     """Write `b` as an artifact dir for `python -m gateway models publish` (layout in
     gateway/registry/layout.py): files/, training.json, golden.json, histograms.json (training
     feature histograms and, for prediction drift, the holdout score histogram)."""
-    from gateway.registry.histograms import score_histogram
-    from gateway.registry.histograms import quantile_histograms
+    from gateway.registry.histograms import quantile_histograms, score_histogram
 
     manifest = manifest_for(b, {})
     (dest / "files").mkdir(parents=True, exist_ok=True)

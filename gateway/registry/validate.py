@@ -155,9 +155,6 @@ def check_metrics(
     return Check("metrics", True, f"{', '.join(common)} within margin of {against}")
 
 
-
-
-
 async def check_golden(
     backend: TritonBackend, schema: Any, manifest: dict[str, Any], rows: np.ndarray, t: Thresholds
 ) -> Check:

@@ -73,7 +73,10 @@ def render_weight(
     """`set_weight` without the write: the file and its new, validated content."""
     yaml = _yaml()
     path, doc = _find_route(routes_dir, model, yaml)
-    match = _challenger(path, doc, version, target)
+    if weight > 0 and not _has_challenger(doc, version, target):
+        match = _add_challenger(path, doc, version, target)
+    else:
+        match = _challenger(path, doc, version, target)
     if validation is not None and weight > 0:
         from gateway.routing.table import Target
 
@@ -118,6 +121,43 @@ def _yaml() -> Any:
     yaml.preserve_quotes = True
     yaml.width = 4096  # never re-wrap long flow mappings
     return yaml
+
+
+def _has_challenger(doc: Any, version: str, target: str | None) -> bool:
+    return any(
+        str(c.get("version")) == version and (target is None or str(c.get("target")) == target)
+        for c in doc.get("challengers") or []
+    )
+
+
+def _add_challenger(path: Path, doc: Any, version: str, target: str | None) -> Any:
+    """A new canary: `{target, version, weight, sticky}` appended to `challengers`, in flow
+    style like the shipped files. The target defaults to the champion's Triton model, the
+    sticky key to the other challengers' (else `entity_id`: a canary keeps its entities).
+    The weight is set by the caller; the catalog and the validation gate still decide."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+    from gateway.routing.table import RouteError
+
+    champion = doc.get("champion") or {}
+    if target is None and str(champion.get("version")) == version:
+        raise RouteError(
+            f"{path}: no challenger with version {version!r} (it is the champion, which takes "
+            "what the challengers leave)"
+        )
+    challengers = doc.get("challengers")
+    if challengers is None:
+        challengers = doc["challengers"] = CommentedSeq()
+    sticky = next((c.get("sticky") for c in challengers if c.get("sticky")), "entity_id")
+    arm = CommentedMap()
+    arm["target"] = target or str(champion.get("target", doc.get("model")))
+    arm["version"] = DoubleQuotedScalarString(version)  # "3", as a version is written
+    arm["weight"] = 0
+    arm["sticky"] = sticky
+    arm.fa.set_flow_style()
+    challengers.append(arm)
+    return arm
 
 
 def _challenger(path: Path, doc: Any, version: str, target: str | None) -> Any:

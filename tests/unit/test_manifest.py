@@ -178,7 +178,8 @@ def test_retraining_reproduces_the_artifacts(tmp_path, train):
     committed = {
         p.relative_to(REPO)
         for p in REPO.glob("*/**/*")
-        if p.is_file() and "__pycache__" not in p.parts
+        if p.is_file()
+        and "__pycache__" not in p.parts
         # validation reports are the registry's record of `models validate` runs on a live
         # tritonserver, not training output
         and "validation" not in p.parts

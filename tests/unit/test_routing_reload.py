@@ -276,3 +276,22 @@ def test_set_weight_keeps_comments_and_replaces_atomically(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="it is the champion"):
         set_weight(tmp_path, "risk", "2", 5)
     assert path.read_text() == original.replace("weight: 10", "weight: 25")  # untouched
+
+
+def test_set_weight_adds_a_new_canary_and_never_adds_at_zero(tmp_path: Path) -> None:
+    original = (
+        'model: risk\nchampion: {target: risk, version: "2"}\nchallengers:\n'
+        '  - {target: risk, version: "1", weight: 0, sticky: entity_id}  # rolled back\n'
+    )
+    path = tmp_path / "risk.yaml"
+    path.write_text(original)
+    with pytest.raises(ValueError, match="no challenger with version '3'"):
+        set_weight(tmp_path, "risk", "3", 0)  # nothing to roll back: no arm is invented
+    assert path.read_text() == original
+    set_weight(tmp_path, "risk", "3", 5)
+    assert path.read_text() == original + (
+        '  - {target: risk, version: "3", weight: 5, sticky: entity_id}\n'
+    )
+    set_weight(tmp_path, "risk", "3", 25)  # now it exists: its weight changes, nothing is added
+    assert path.read_text().count('version: "3"') == 1
+    assert "weight: 25, sticky: entity_id}" in path.read_text()
