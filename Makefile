@@ -16,7 +16,7 @@ SCENARIO ?= steady
 LOADTEST_HOST ?= http://127.0.0.1:$(GATEWAY_PORT)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv .venv run test lint format train clean loadtest bench deps screenshots
+.PHONY: help venv .venv run test lint format train clean loadtest bench deps screenshots walkthrough
 
 help:
 	@echo "make run    two tritonservers (primary, fallback) + the gateway on :$(GATEWAY_PORT)"
@@ -26,6 +26,7 @@ help:
 	@echo "make loadtest SCENARIO=steady|ramp|spike|soak  locust, headless, against LOADTEST_HOST"
 	@echo "make bench  side-by-side benchmark: Triton direct vs through the gateway"
 	@echo "make screenshots  regenerate docs/images/status-page.png (needs Redis, chromium)"
+	@echo "make walkthrough  the README's model-lifecycle walkthrough on its own stack"
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +77,11 @@ bench: $(STAMP)
 # The README's status-page picture (docs/images/status-page.png): needs Redis and chromium.
 screenshots: $(STAMP) deps
 	$(VPY) docs/screenshots.py
+
+# The README's model-lifecycle walkthrough on its own `make run` stack (free ports, copies of
+# the routes and models); `.venv/bin/python docs/walkthrough.py` runs it against `make run`.
+walkthrough: $(STAMP) deps
+	$(VPY) docs/walkthrough.py --start --png var/walkthrough/rollout-report.png
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
