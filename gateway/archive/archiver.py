@@ -119,7 +119,8 @@ class Archiver:
             if not await self._ensure_group(stream):
                 return report
             report.trimmed_unread = await self._trimmed_unread(stream)
-            with self.progress.task(f"archive {stream}", unit="entry") as task:
+            backlog = await self._backlog(stream) if self.progress.shown else None
+            with self.progress.task(f"archive {stream}", backlog, "entry") as task:
                 cursor = "0"  # our pending list first: a crashed run's batch comes back whole
                 while batch := await self._read(stream, cursor):
                     await self._settle(stream, model, batch, report, task)
@@ -186,8 +187,8 @@ class Archiver:
         if report.lost:
             log.warning("archive_pending_entries_lost", stream=stream, lost=report.lost)
         await self.client.xack(stream, self.group, *[R.format_id(sid) for sid, _ in batch])
-        task.note(f"{report.written} rows written")
         task.advance(len(batch))  # entries read (and acknowledged)
+        task.note(f"{report.written} rows written")
 
     def _covered(self, directory: str) -> list[tuple[R.StreamId, R.StreamId]]:
         ranges = self._ranges.get(directory)
@@ -195,6 +196,15 @@ class Archiver:
             found = (R.part_range(n) for n in self.store.files(directory))
             ranges = self._ranges[directory] = [r for r in found if r is not None]
         return ranges
+
+    async def _backlog(self, stream: str) -> int | None:
+        """Entries this run should read: our pending list and the group's lag (None: unknown,
+        as on Redis < 7). Only for progress; what is read is what XREADGROUP returns."""
+        mine = next((g for g in await self.client.xinfo_groups(stream)
+                     if _text(g.get("name")) == self.group), None)  # fmt: skip
+        if mine is None or mine.get("lag") is None:
+            return None
+        return int(mine.get("pending") or 0) + int(mine["lag"])
 
     async def _trimmed_unread(self, stream: str) -> int:
         """How many entries the stream lost (MAXLEN) before this group read them.

@@ -8,17 +8,12 @@ pseudo-terminal (what a person at a terminal has), on a pipe, and on a pseudo-te
 from __future__ import annotations
 
 import argparse
-import fcntl
 import io
 import os
 import re
-import select
 import shutil
-import struct
 import subprocess
 import sys
-import termios
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +21,7 @@ import pytest
 
 from gateway.progress import LINE_INTERVAL_S, QUIET, Mode, Progress, decide
 from tests.registry_artifacts import REPO_ROOT, model_repo, risk_artifact
+from tests.terminal import redraws, run_on_terminal
 
 TTY = {"TERM": "xterm-256color"}
 
@@ -201,23 +197,6 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "TERM": "xterm-256color", **extra}
 
 
-def _read_until_closed(fd: int, deadline: float) -> bytes:
-    """Everything written to the pty until its last writer closes it (EIO on Linux)."""
-    got = b""
-    while (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            continue
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # the child and its children closed the slave side
-            return got
-        if not chunk:
-            return got
-        got += chunk
-    raise AssertionError(f"pty still open after the deadline; read so far: {got!r}")
-
-
 def _publish(
     artifact: Path, template: Path, repo: Path, env: dict[str, str], pty: bool, *flags: str
 ) -> tuple[bytes, bytes]:
@@ -231,23 +210,8 @@ def _publish(
         done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, timeout=120)
         assert done.returncode == 0, done.stderr
         return done.stdout, done.stderr
-    master, slave = os.openpty()
-    # A real terminal has a size; a fresh pty is 0x0, where tqdm would draw a 0-wide bar.
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    try:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=slave,
-        )  # fmt: skip
-        os.close(slave)
-        slave = -1
-        err = _read_until_closed(master, time.monotonic() + 120)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
-    assert proc.returncode == 0, err
+    rc, out, err = run_on_terminal(cmd, env, REPO_ROOT)
+    assert rc == 0, err
     return out, err
 
 
@@ -269,7 +233,7 @@ def test_publish_shows_progress_on_a_terminal_only(
     for phase in (b"risk: hashing", b"risk/3: measuring memory", b"risk/3: copying",
                   b"risk/3: verifying"):  # fmt: skip
         assert phase in err_tty
-    assert b"%|" in err_tty and b"\r" in err_tty.replace(b"\r\n", b"")  # a bar, redrawn
+    assert b"%|" in err_tty and redraws(err_tty)  # a bar, redrawn in place
     assert err_pipe == b"" and err_ci == b"" and err_off == b""
     assert b"published risk/3  sha256:" in out_tty
     assert _stable(out_tty) == _stable(out_pipe) == _stable(out_ci) == _stable(out_off)
@@ -283,4 +247,4 @@ def test_publish_on_a_dumb_terminal_prints_plain_lines(
     lines = err.decode().splitlines()
     assert any(ln.startswith("risk: hashing: 0.00/") for ln in lines)
     assert any(ln.startswith("risk/3: copying: 2/2 file (done in") for ln in lines)
-    assert b"\r" not in err.replace(b"\r\n", b"\n")  # the pty turns \n into \r\n; no redraws
+    assert not redraws(err)
