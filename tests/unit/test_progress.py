@@ -181,6 +181,31 @@ def test_bench_counts_the_phases_it_runs(flags: list[str], monkeypatch) -> None:
     assert counted == sorted(counted) and max(counted) == n
 
 
+# -- loadtest.gpu_bench: configuration i of n (its cases need a GPU; run_case is faked) ----
+def test_gpu_bench_counts_configurations_skipped_ones_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loadtest import gpu_bench
+
+    ran: list[str] = []
+
+    def run_case(case: Any, root: Path, args: Any, task: Any, progress: Progress) -> list[Any]:
+        ran.append(case.name)
+        task.note(case.name)
+        return []
+
+    monkeypatch.setattr(gpu_bench, "gpu_count", lambda: 1)
+    monkeypatch.setattr(gpu_bench, "run_case", run_case)
+    monkeypatch.setenv("SWITCHYARD_PROGRESS", "1")  # stderr is no terminal here: plain lines
+    cases = "batching-off,dedicated-gpu,batching-on"
+    assert gpu_bench.main(["--cases", cases, "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert ran == ["batching-off", "batching-on"]
+    assert err[0] == "gpu_bench: 0/3 configuration"
+    assert "skip dedicated-gpu: needs 2 GPUs, have 1" in err
+    assert err[-1].startswith("gpu_bench: 3/3 configuration (done in")
+
+
 # -- the real command on a terminal, a pipe, and a terminal in CI -------------------------
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
