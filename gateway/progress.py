@@ -127,7 +127,7 @@ def _amount(n: float, scale: bool) -> str:
         from tqdm import tqdm
 
         return tqdm.format_sizeof(n)
-    return f"{n:g}"
+    return str(int(n)) if n == int(n) else f"{n:g}"  # 1500000 entries, not 1.5e+06
 
 
 class _Bar(Task):

@@ -93,6 +93,13 @@ def test_lines_start_every_interval_and_at_the_end() -> None:
     assert "\r" not in out.getvalue()
 
 
+def test_lines_count_whole_numbers_in_full() -> None:
+    out = io.StringIO()
+    with Progress(Mode.LINES, out).task("archive predictions:risk", unit="entry") as task:
+        task.advance(1_500_000)
+    assert out.getvalue().splitlines()[-1].startswith("archive predictions:risk: 1500000 entry")
+
+
 def test_lines_scale_bytes() -> None:
     out = io.StringIO()
     with Progress(Mode.LINES, out).task("hashing", 2_500_000, "B", unit_scale=True) as task:
