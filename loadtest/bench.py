@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from gateway.progress import QUIET, Progress, Task, add_flag
 from loadtest.stats import Summary, open_loop_schedule, split_schedule, summarize
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +48,9 @@ TARGETS = ("triton-grpc", "triton-http", "gateway-grpc", "gateway-v2", "gateway-
            "baseline-v2", "baseline-v1")  # fmt: skip
 #: Which process a target's requests cost CPU in (the Triton side is measured for all).
 SIDE_OF = {"gateway": "gateway", "baseline": "baseline"}
+GATEWAY_PATHS = ("gateway-v2", "gateway-v1", "gateway-grpc")
+#: How often a phase's "seconds left" is redrawn while the generators run.
+REFRESH_S = 0.5
 
 
 # -- the workload --------------------------------------------------------------------------
@@ -284,7 +288,13 @@ class CpuMeter:
 
 
 def run_phase(
-    pool: Any, procs: int, job: Job, meters: dict[str, CpuMeter], mode: str
+    pool: Any,
+    procs: int,
+    job: Job,
+    meters: dict[str, CpuMeter],
+    mode: str,
+    task: Task | None = None,
+    progress: Progress = QUIET,
 ) -> tuple[Summary, dict[str, float]]:
     if job.concurrency:
         per = max(1, job.concurrency // procs)
@@ -295,7 +305,7 @@ def run_phase(
             for part in split_schedule(job.schedule, procs)
         ]
     before = {side: m.seconds() for side, m in meters.items()}
-    results: list[JobResult] = pool.map(run_job, jobs)
+    results = _wait(pool.map_async(run_job, jobs), job, mode, task or Task())
     after = {side: m.seconds() for side, m in meters.items()}
     lat = [x for r in results for x in r.latencies_ms]
     errors = sum(r.errors for r in results)
@@ -306,20 +316,59 @@ def run_phase(
     cpu["client"] = sum(r.cpu_s for r in results) * 1000.0 / ok
     first = next((r.first_error for r in results if r.first_error), "")
     if first:
-        print(f"  {job.endpoint.name} {mode}: {errors} errors, first: {first}", file=sys.stderr)
+        progress.echo(f"  {job.endpoint.name} {mode}: {errors} errors, first: {first}")
     return summary, cpu
 
 
-def benchmark(args: argparse.Namespace, eps: dict[str, Endpoint], pids: dict[str, int | None]):
+def _wait(pending: Any, job: Job, mode: str, task: Task) -> list[JobResult]:
+    """The phase's results, telling `task` how long the phase has left while it runs."""
+    end = time.monotonic() + job.duration_s
+    while not pending.ready():
+        task.note(f"{job.endpoint.name} {mode}, {max(0.0, end - time.monotonic()):.0f} s left")
+        pending.wait(REFRESH_S)
+    results: list[JobResult] = pending.get()
+    return results
+
+
+def planned_phases(args: argparse.Namespace, names: Sequence[str]) -> int:
+    """How many phases `benchmark` runs for `names`: warm-up, saturation, then open loop."""
+    saturated = set(names) if args.repeat > 0 else set()
+    if args.closed_only:
+        rates = 0
+    elif args.rate:
+        rates = 1
+    else:
+        rates = (args.reference in saturated) + any(n in saturated for n in GATEWAY_PATHS)
+    return len(names) * (1 + args.repeat + rates)
+
+
+def benchmark(
+    args: argparse.Namespace,
+    eps: dict[str, Endpoint],
+    pids: dict[str, int | None],
+    progress: Progress = QUIET,
+):
     meters = {side: CpuMeter(pid) for side, pid in pids.items()}
     ctx = multiprocessing.get_context("spawn")
     rows: list[Row] = []
     names = [t for t in args.targets if t in eps]
     client_cpus = args.pin.get("client")
     init = (os.sched_setaffinity, (0, client_cpus)) if client_cpus else (None, ())
-    with ctx.Pool(args.procs, *init) as pool:
+    with (
+        ctx.Pool(args.procs, *init) as pool,
+        progress.task("bench", planned_phases(args, names), "phase") as task,
+    ):
+
+        def phase(job: Job, mode: str) -> tuple[Summary, dict[str, float]]:
+            done = run_phase(pool, args.procs, job, meters, mode, task, progress)
+            task.advance()
+            return done
+
+        def report(row: Row) -> None:
+            progress.echo(_row_line(row))
+
         for name in names:  # warm up every path (connections, Triton, caches)
-            run_phase(pool, args.procs, Job(eps[name], args.warmup, concurrency=8), meters, "warm")
+            phase(Job(eps[name], args.warmup, concurrency=8), "warm")
         sat: dict[str, float] = {}
         # Round-robin repeats (A B A B ...): on a noisy machine, drift in the background
         # load hits every target alike instead of whichever ran last.
@@ -327,10 +376,10 @@ def benchmark(args: argparse.Namespace, eps: dict[str, Endpoint], pids: dict[str
             mode = f"closed c={args.concurrency}" + (f" #{rep + 1}" if args.repeat > 1 else "")
             for name in names:
                 job = Job(eps[name], args.duration, concurrency=args.concurrency)
-                s, cpu = run_phase(pool, args.procs, job, meters, "closed")
+                s, cpu = phase(job, "closed")
                 sat[name] = max(sat.get(name, 0.0), s.throughput)
                 rows.append(Row(name, mode, None, s, cpu))
-                _progress(rows[-1])
+                report(rows[-1])
         rates = []
         if args.closed_only:
             pass
@@ -341,7 +390,7 @@ def benchmark(args: argparse.Namespace, eps: dict[str, Endpoint], pids: dict[str
                 rates.append(
                     (f"1/2 {args.reference} sat", args.rate_fraction * sat[args.reference])
                 )
-            gw = [sat[n] for n in ("gateway-v2", "gateway-v1", "gateway-grpc") if n in sat]
+            gw = [sat[n] for n in GATEWAY_PATHS if n in sat]
             if gw:
                 rates.append(("1/2 gateway sat", args.rate_fraction * min(gw)))
         rng = random.Random(args.seed)
@@ -349,19 +398,17 @@ def benchmark(args: argparse.Namespace, eps: dict[str, Endpoint], pids: dict[str
             schedule = tuple(open_loop_schedule(rate, args.duration, rng))
             for name in names:
                 job = Job(eps[name], args.duration, schedule=schedule)
-                s, cpu = run_phase(pool, args.procs, job, meters, "open")
+                s, cpu = phase(job, "open")
                 rows.append(Row(name, f"open {label}", rate, s, cpu))
-                _progress(rows[-1])
+                report(rows[-1])
     return rows
 
 
-def _progress(row: Row) -> None:
+def _row_line(row: Row) -> str:
     s = row.summary
-    print(
+    return (
         f"  {row.target:12} {row.mode:24} {s.throughput:9.0f}/s p50 {s.p50:7.2f} ms "
-        f"p99 {s.p99:7.2f} ms err {s.errors}",
-        file=sys.stderr,
-        flush=True,
+        f"p99 {s.p99:7.2f} ms err {s.errors}"
     )
 
 
@@ -612,6 +659,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="SIDE=CPUS,...",
         help="pin gateway/triton/client to CPUs, e.g. gateway=1,triton=0,client=0",
     )
+    add_flag(p)
     return p.parse_args(argv)
 
 
@@ -647,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             + (f", client on CPUs {sorted(args.pin['client'])}" if "client" in args.pin else ""),
             file=sys.stderr,
         )
-        rows = benchmark(args, eps, where["pids"])
+        rows = benchmark(args, eps, where["pids"], Progress.for_stream(flag=args.progress))
     print(table(rows))
     print()
     print(overhead(rows))

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.progress import QUIET, Progress, Task, add_flag
 from gateway.tritonserver import TritonInstallation
 from loadtest.stats import summarize
 
@@ -351,7 +352,15 @@ def _servers(case: Case, repo: Path, root: Path) -> dict[str, Any]:
     return out
 
 
-def run_case(case: Case, root: Path, args: argparse.Namespace) -> list[Result]:
+def run_case(
+    case: Case,
+    root: Path,
+    args: argparse.Namespace,
+    task: Task | None = None,
+    progress: Progress = QUIET,
+) -> list[Result]:
+    task = task or Task()
+    task.note(f"{case.name}: starting tritonserver")
     repo = build_repository(case, root)
     results = []
     servers = _servers(case, repo, root)
@@ -367,6 +376,7 @@ def run_case(case: Case, root: Path, args: argparse.Namespace) -> list[Result]:
             if gateway:
                 paths.append(("gateway-v2", {m: gateway[0] for m in servers}, False))
             for path, urls, grpc_ in paths:
+                task.note(f"{case.name}: {path}, {args.duration:g} s of load")
                 before = {
                     m.name: _triton_counts(servers[m.name].metrics_url, m.name) for m in case.models
                 }
@@ -380,7 +390,7 @@ def run_case(case: Case, root: Path, args: argparse.Namespace) -> list[Result]:
                         Result(case.name, path, spec.name, s.throughput, s.p50, s.p99,
                                s.errors, fill, gpu.means())
                     )  # fmt: skip
-                    print(f"  {results[-1]}", file=sys.stderr, flush=True)
+                    progress.echo(f"  {results[-1]}")
         finally:
             if gateway:
                 gateway[1].terminate()
@@ -476,7 +486,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=15.0, help="seconds of load per case and path")
     p.add_argument("--gateway", type=int, default=0, help="also via a gateway of N workers")
     p.add_argument("--json", type=Path)
+    add_flag(p)
     args = p.parse_args(argv)
+    progress = Progress.for_stream(flag=args.progress)  # stderr; stdout stays the table
     wanted = [c for c in CASES if c.name in args.cases.split(",")]
     root = args.out or Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -497,14 +509,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: no NVIDIA GPU visible (pynvml); use --dry-run here", file=sys.stderr)
         return 2
     results: list[Result] = []
-    for case in wanted:
-        if gpus < case.min_gpus:
-            print(f"skip {case.name}: needs {case.min_gpus} GPUs, have {gpus}", file=sys.stderr)
-            continue
-        if case.mps and shutil.which("nvidia-cuda-mps-control") is None:
-            print(f"skip {case.name}: nvidia-cuda-mps-control not found", file=sys.stderr)
-            continue
-        results.extend(run_case(case, root, args))
+    with progress.task("gpu_bench", len(wanted), "configuration") as task:
+        for case in wanted:
+            if gpus < case.min_gpus:
+                progress.echo(f"skip {case.name}: needs {case.min_gpus} GPUs, have {gpus}")
+            elif case.mps and shutil.which("nvidia-cuda-mps-control") is None:
+                progress.echo(f"skip {case.name}: nvidia-cuda-mps-control not found")
+            else:
+                results.extend(run_case(case, root, args, task, progress))
+            task.advance()
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))

@@ -29,6 +29,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sklearn
@@ -39,6 +40,9 @@ from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
+
+if TYPE_CHECKING:
+    from gateway.progress import Progress
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "model_template.py"
@@ -445,24 +449,39 @@ def config_pbtxt(name: str, n_in: int, n_classes: int | None) -> str:
     )
 
 
-def build_all() -> list[Built]:
-    with warnings.catch_warnings():
+def build_all(progress: Progress | None = None) -> list[Built]:
+    with warnings.catch_warnings(), _progress(progress).task("training", 4, "model") as task:
         warnings.simplefilter("error", ConvergenceWarning)  # an unconverged model is a bug
         # sklearn 1.5 passes `iprint` to L-BFGS-B, which newer SciPy deprecates: harmless noise.
         warnings.filterwarnings(
             "ignore", message=r".*`disp` and `iprint` options", category=DeprecationWarning
         )
         bc, digits = load("breast_cancer"), load("digits")
-        risk2 = train_risk_v2(bc)
+
+        def trained(name: str, fit, *data) -> Built:
+            task.note(name)
+            built = fit(*data)
+            task.advance()
+            return built
+
+        risk2 = trained("risk/2", train_risk_v2, bc)
         return [
-            train_risk_v1(bc),
+            trained("risk/1", train_risk_v1, bc),
             risk2,
-            train_risk_distilled_v1(bc, risk2),
-            train_digits_v1(digits),
+            trained("risk_distilled/1", train_risk_distilled_v1, bc, risk2),
+            trained("digits/1", train_digits_v1, digits),
         ]
 
 
-def render(built: list[Built], workdir: Path) -> tuple[dict[str, bytes], dict[str, Path]]:
+def _progress(progress: Progress | None) -> Progress:
+    from gateway.progress import QUIET
+
+    return QUIET if progress is None else progress
+
+
+def render(
+    built: list[Built], workdir: Path, progress: Progress | None = None
+) -> tuple[dict[str, bytes], dict[str, Path]]:
     """Every artifact as relative path -> bytes, and each version's artifact dir (in `workdir`).
 
     Manifests and warm-up come from the registry's code (gateway/registry), the same that
@@ -474,7 +493,8 @@ def render(built: list[Built], workdir: Path) -> tuple[dict[str, bytes], dict[st
 
     files: dict[str, bytes] = {}
     artifacts: dict[str, Path] = {}
-    for b in built:  # in version order: a model's config and warm-up come from its latest
+    rendering = _progress(progress).track(built, "rendering", "version", note=_name)
+    for b in rendering:  # in version order: a model's config and warm-up come from its latest
         n_layers = sum(k.startswith("W") for k in b.weights)
         n_out = int(b.weights[f"W{n_layers - 1}"].shape[1])
         config = config_pbtxt(
@@ -495,6 +515,10 @@ def render(built: list[Built], workdir: Path) -> tuple[dict[str, bytes], dict[st
         files[f"{vdir}/manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
         artifacts[vdir] = art.root
     return files, artifacts
+
+
+def _name(b: Built) -> str:
+    return f"{b.model}/{b.version}"
 
 
 WARMUP = "warmup"
@@ -560,7 +584,11 @@ def _is_versioned(rel: str) -> bool:
 
 
 def write(
-    files: dict[str, bytes], out: Path, force: bool, artifacts: dict[str, Path] | None = None
+    files: dict[str, bytes],
+    out: Path,
+    force: bool,
+    artifacts: dict[str, Path] | None = None,
+    progress: Progress | None = None,
 ) -> list[str]:
     """Write what changed; a version folder that does not exist yet is published through the
     registry (`gateway.registry.publish`: atomic, never over an existing one)."""
@@ -585,8 +613,9 @@ def write(
     )
     if artifacts is None:
         new_versions = []
-    for rel in changed:  # model-level files (config, warm-up) first: publish reads the config
-        if str(Path(rel).parent) in new_versions:
+    shown = _progress(progress)
+    for rel in shown.track(changed, "writing", "file", note=str):  # model-level files first:
+        if str(Path(rel).parent) in new_versions:  # publish reads the config
             continue
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -594,16 +623,18 @@ def write(
             tmp.write(files[rel])
         Path(tmp.name).chmod(0o644)
         Path(tmp.name).replace(path)
-    for vdir in new_versions:
-        _publish(out, vdir, files, artifacts or {})
+    for vdir in new_versions:  # publish draws its own progress, closed before it logs
+        _publish(out, vdir, files, artifacts or {}, shown)
     return changed
 
 
-def _publish(out: Path, vdir: str, files: dict[str, bytes], artifacts: dict[str, Path]) -> None:
+def _publish(
+    out: Path, vdir: str, files: dict[str, bytes], artifacts: dict[str, Path], progress: Progress
+) -> None:
     from gateway.registry.publish import publish
 
     model, version = Path(vdir).parent.name, int(Path(vdir).name)
-    done = publish(out, model, artifacts[vdir], version=version)
+    done = publish(out, model, artifacts[vdir], version=version, progress=progress)
     manifest = (done.path / "manifest.json").read_bytes()
     if not done.created or manifest != files[f"{vdir}/manifest.json"]:
         raise SystemExit(f"{vdir}: the registry published other bytes than train.py rendered")
@@ -697,15 +728,19 @@ def main(argv: list[str] | None = None) -> int:
         help="write a new risk candidate's artifact dir here instead (nothing else is written)",
     )
     parser.add_argument(
-        "--risk-c", type=float, default=0.3, help="the candidate's regularisation C (small: weaker)"
+        "--risk-c", type=float, default=0.5, help="the candidate's regularisation C (small: weaker)"
     )
+    from gateway.progress import Progress, add_flag
+
+    add_flag(parser)
     args = parser.parse_args(argv)
     if args.candidate is not None:
         return candidate(args.candidate, args.risk_c)
-    built = build_all()
+    progress = Progress.for_stream(flag=args.progress)  # stderr; stdout stays the summary
+    built = build_all(progress)
     with tempfile.TemporaryDirectory() as workdir:
-        files, artifacts = render(built, Path(workdir))
-        changed = write(files, args.out, args.force, artifacts)
+        files, artifacts = render(built, Path(workdir), progress)
+        changed = write(files, args.out, args.force, artifacts, progress)
     for b in built:
         print(f"{b.model}/{b.version}: {json.dumps(b.metrics, sort_keys=True)}")
     print(f"{len(changed)} file(s) written to {args.out}" if changed else "no changes")

@@ -37,6 +37,7 @@ from gateway.archive import rows as R
 from gateway.archive.store import PREDICTIONS, ArchiveStore
 from gateway.errors import StreamUnavailable
 from gateway.predlog.redis_stream import decode_fields
+from gateway.progress import QUIET, Progress, Task
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +82,7 @@ class Archiver:
         trim_keep_s: float = 86_400.0,
         wall: Callable[[], float] = time.time,
         after_file: Callable[[int], None] | None = None,
+        progress: Progress = QUIET,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -95,6 +97,7 @@ class Archiver:
         #: Called after each file is renamed into place, before its batch's XACK (tests
         #: stop the process there: the crash window exactly-once must survive).
         self.after_file = after_file
+        self.progress = progress
         self.files_written = 0
         #: Per partition directory: the id ranges its part files cover (listed once a run).
         self._ranges: dict[str, list[tuple[R.StreamId, R.StreamId]]] = {}
@@ -116,12 +119,14 @@ class Archiver:
             if not await self._ensure_group(stream):
                 return report
             report.trimmed_unread = await self._trimmed_unread(stream)
-            cursor = "0"  # our pending list first: a crashed run's batch comes back whole
-            while batch := await self._read(stream, cursor):
-                await self._settle(stream, model, batch, report)
-                cursor = R.format_id(batch[-1][0])
-            while batch := await self._read(stream, ">"):
-                await self._settle(stream, model, batch, report)
+            backlog = await self._backlog(stream) if self.progress.shown else None
+            with self.progress.task(f"archive {stream}", backlog, "entry") as task:
+                cursor = "0"  # our pending list first: a crashed run's batch comes back whole
+                while batch := await self._read(stream, cursor):
+                    await self._settle(stream, model, batch, report, task)
+                    cursor = R.format_id(batch[-1][0])
+                while batch := await self._read(stream, ">"):
+                    await self._settle(stream, model, batch, report, task)
             report.trimmed = await self._trim(stream)
         except (RedisError, OSError) as exc:
             raise StreamUnavailable(f"archiving {stream} failed: {exc}") from exc
@@ -153,7 +158,9 @@ class Archiver:
         entries = reply[0][1]  # [[stream, [(id, fields), ...]]] (RESP2, the client's default)
         return [(R.parse_id(sid), fields or None) for sid, fields in entries]
 
-    async def _settle(self, stream: str, model: str, batch: Batch, report: StreamReport) -> None:
+    async def _settle(
+        self, stream: str, model: str, batch: Batch, report: StreamReport, task: Task
+    ) -> None:
         report.read += len(batch)
         by_day: dict[str, list[tuple[R.StreamId, dict[str, Any]]]] = {}
         for sid, fields in batch:
@@ -180,6 +187,8 @@ class Archiver:
         if report.lost:
             log.warning("archive_pending_entries_lost", stream=stream, lost=report.lost)
         await self.client.xack(stream, self.group, *[R.format_id(sid) for sid, _ in batch])
+        task.advance(len(batch))  # entries read (and acknowledged)
+        task.note(f"{report.written} rows written")
 
     def _covered(self, directory: str) -> list[tuple[R.StreamId, R.StreamId]]:
         ranges = self._ranges.get(directory)
@@ -187,6 +196,15 @@ class Archiver:
             found = (R.part_range(n) for n in self.store.files(directory))
             ranges = self._ranges[directory] = [r for r in found if r is not None]
         return ranges
+
+    async def _backlog(self, stream: str) -> int | None:
+        """Entries this run should read: our pending list and the group's lag (None: unknown,
+        as on Redis < 7). Only for progress; what is read is what XREADGROUP returns."""
+        mine = next((g for g in await self.client.xinfo_groups(stream)
+                     if _text(g.get("name")) == self.group), None)  # fmt: skip
+        if mine is None or mine.get("lag") is None:
+            return None
+        return int(mine.get("pending") or 0) + int(mine["lag"])
 
     async def _trimmed_unread(self, stream: str) -> int:
         """How many entries the stream lost (MAXLEN) before this group read them.

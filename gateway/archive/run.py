@@ -16,6 +16,7 @@ from gateway.archive.archiver import Archiver
 from gateway.archive.query import ArchiveReader
 from gateway.archive.store import ArchiveStore
 from gateway.predlog.feedback import LabelStore, model_streams
+from gateway.progress import QUIET, Progress
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ async def archive_run(
     labels: LabelStore | None = None,
     wall: Callable[[], float] = time.time,
     after_file: Callable[[int], None] | None = None,
+    progress: Progress = QUIET,
 ) -> dict[str, Any]:
     """Returns a report (JSON-ready): per stream counts, aggregates rebuilt, partitions deleted."""
     o = options
@@ -49,13 +51,14 @@ async def archive_run(
         )
         archiver = Archiver(
             client, store, o.prefix, o.group, o.consumer, o.batch_size, o.trim_keep_s, wall,
-            after_file,
+            after_file, progress,
         )  # fmt: skip
         reports = await archiver.run(streams)
         reader = ArchiveReader(store)
         try:
             touched = sorted({t for r in reports for t in r.touched})
-            for model, day in touched:
+            days = progress.track(touched, "aggregates", "day", note=lambda t: f"{t[0]} {t[1]}")
+            for model, day in days:
                 rows = await rebuild_day(reader, model, dt.date.fromisoformat(day), labels)
                 rebuilt.append({"model": model, "date": day, "rows": rows})
         finally:

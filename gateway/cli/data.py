@@ -16,6 +16,7 @@ import orjson
 
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.errors import SwitchyardError
+from gateway.progress import Progress, add_flag
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,6 +52,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--retention", action="store_true", help="only apply retention (delete old partitions)"
     )
     arch.add_argument("--no-retention", action="store_true", help="archive, delete nothing")
+    add_flag(arch)
     # Tests: stop (hang until killed) once N files are renamed into place, before their XACK.
     arch.add_argument("--hang-after-files", type=int, default=0, help=argparse.SUPPRESS)
     arch.set_defaults(handler=cmd_predlog_archive)
@@ -175,6 +177,7 @@ def cmd_predlog_archive(args: argparse.Namespace) -> int:
     configure_logging(settings.log.level, settings.log.json)
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: report
     log = structlog.get_logger("gateway.archive")
+    progress = Progress.for_stream(flag=args.progress)  # stderr, beside the logs
     options = RunOptions(
         prefix=settings.predlog.stream_prefix,
         models=tuple(args.model),
@@ -203,7 +206,9 @@ def cmd_predlog_archive(args: argparse.Namespace) -> int:
             labels = (
                 LabelStore(client, fb.label_prefix, fb.label_ttl_s) if a.aggregate_labels else None
             )
-            return await archive_run(client, store, options, labels, after_file=hang)
+            return await archive_run(
+                client, store, options, labels, after_file=hang, progress=progress
+            )
         finally:
             await client.aclose()
 

@@ -13,6 +13,8 @@ from typing import Any
 
 
 def add_models_parser(sub: Any) -> None:
+    from gateway.progress import add_flag
+
     models = sub.add_parser(
         "models", help="model registry: publish, list, verify, retire, validate"
     )
@@ -23,6 +25,7 @@ def add_models_parser(sub: Any) -> None:
     pub.add_argument("--model", required=True)
     pub.add_argument("--run-id", default=None, help="training run id (else training.json's)")
     _common(pub)
+    add_flag(pub)
     pub.set_defaults(handler=cmd_publish)
 
     ls = msub.add_parser("list", help="each version, its digest and where it is live")
@@ -71,11 +74,13 @@ def _models(repo: Path, model: str | None) -> list[str]:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     from gateway.errors import RegistryError
+    from gateway.progress import Progress
     from gateway.registry.publish import publish
 
     repo, _ = paths(args)
+    progress = Progress.for_stream(flag=args.progress)  # stderr; stdout stays the result
     try:
-        done = publish(repo, args.model, args.artifact, args.run_id)
+        done = publish(repo, args.model, args.artifact, args.run_id, progress=progress)
     except RegistryError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1

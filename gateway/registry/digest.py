@@ -11,6 +11,8 @@ import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
+from gateway.progress import QUIET, Progress
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -28,10 +30,16 @@ def version_digest(files: Mapping[str, str]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def hash_tree(root: Path) -> dict[str, str]:
+def hash_tree(root: Path, progress: Progress = QUIET, desc: str = "hashing") -> dict[str, str]:
     """Relative POSIX path -> sha256 of every regular file under `root` (caches skipped)."""
-    return {
-        p.relative_to(root).as_posix(): sha256_file(p)
+    sizes = {
+        p: p.stat().st_size
         for p in sorted(root.rglob("*"))
         if p.is_file() and "__pycache__" not in p.relative_to(root).parts
     }
+    found = {}
+    with progress.task(desc, sum(sizes.values()), "B", unit_scale=True) as task:
+        for p, size in sizes.items():
+            found[p.relative_to(root).as_posix()] = sha256_file(p)
+            task.advance(size)
+    return found

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.progress import QUIET, Progress
 from gateway.registry.digest import version_digest
 from gateway.registry.layout import Artifact
 
@@ -43,6 +44,7 @@ def build_manifest(
     files: dict[str, str],
     config_pbtxt: str,
     run_id: str | None = None,
+    progress: Progress = QUIET,
 ) -> dict[str, Any]:
     """The manifest of `artifact` published as `model/version` (`files`: path -> sha256)."""
     t = artifact.training
@@ -59,7 +61,9 @@ def build_manifest(
     atol = float(artifact.golden.get("atol", 1e-5))
     doc["probe"] = {**cases[0], "atol": atol}
     doc["golden"] = {"atol": atol, "cases": cases}
-    doc["memory"] = memory_footprint(artifact.files_dir)
+    doc["memory"] = memory_footprint(
+        artifact.files_dir, progress, f"{model}/{version}: measuring memory"
+    )
     doc["histograms"] = artifact.histograms
     return doc
 
@@ -76,11 +80,14 @@ def runtime(config_pbtxt: str) -> dict[str, str]:
     return {"backend": m.group(2) if m else "unknown", "backend_version": server}
 
 
-def memory_footprint(files_dir: Path) -> dict[str, Any]:
+def memory_footprint(
+    files_dir: Path, progress: Progress = QUIET, desc: str = "measuring memory"
+) -> dict[str, Any]:
     """Bytes the weights take once loaded: every array of every `.npz`, loaded with numpy and
     summed (`nbytes`); files of other formats count with their size on disk."""
     arrays = other = 0
-    for path in sorted(p for p in files_dir.rglob("*") if p.is_file()):
+    paths = sorted(p for p in files_dir.rglob("*") if p.is_file())
+    for path in progress.track(paths, desc, "file", note=lambda p: p.name):
         if path.suffix == ".npz":
             try:
                 with np.load(path, allow_pickle=False) as npz:

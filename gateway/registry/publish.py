@@ -19,6 +19,7 @@ from pathlib import Path
 import structlog
 
 from gateway.errors import RegistryError
+from gateway.progress import QUIET, Progress
 from gateway.registry.digest import hash_tree, version_digest
 from gateway.registry.layout import MANIFEST, read_artifact, read_manifest, version_dirs
 from gateway.registry.manifest import build_manifest
@@ -52,11 +53,12 @@ def publish(
     artifact_dir: Path,
     run_id: str | None = None,
     version: int | None = None,
+    progress: Progress = QUIET,
 ) -> Published:
     """Publish `artifact_dir` as the next version of `model` (or exactly `version`, which must
     be the next one: train.py rebuilds numbered versions in order)."""
     artifact = read_artifact(artifact_dir)
-    files = hash_tree(artifact.files_dir)
+    files = hash_tree(artifact.files_dir, progress, f"{model}: hashing")
     digest = version_digest(files)
     existing = version_dirs(repo, model)
     for vdir in existing:
@@ -70,16 +72,16 @@ def publish(
         raise RegistryError("no training run id: pass --run-id or set it in training.json")
     target = repo / model / str(nxt)
     config = (repo / model / "config.pbtxt").read_text()
-    manifest = build_manifest(artifact, model, nxt, files, config, run_id)
+    manifest = build_manifest(artifact, model, nxt, files, config, run_id, progress)
     staging = repo / model / STAGING
     staging.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=staging, prefix=f"{nxt}-"))
     try:
-        for rel in files:
+        for rel in progress.track(files, f"{model}/{nxt}: copying", "file", note=str):
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(artifact.files_dir / rel, dest)
-        if hash_tree(tmp) != files:  # the source changed under us
+        if hash_tree(tmp, progress, f"{model}/{nxt}: verifying") != files:  # changed under us
             raise RegistryError(f"{artifact.files_dir}: files changed while being copied")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _fsync_tree(tmp)

@@ -35,6 +35,7 @@ from gateway.predlog.redis_stream import StreamWriter
 from gateway.rollout.analysis import gather_stats
 from gateway.stats import p99
 from tests.conftest import REDIS_URL, unavailable
+from tests.terminal import redraws, run_on_terminal
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -346,3 +347,27 @@ def test_labels_join_cli_gives_the_same_report_from_either_source(
     assert reports[0]["entries"] == 400
     assert sum(a["labelled"] for a in reports[0]["arms"]) == len(entries[::3])
     assert reports[0]["canary_accuracy_delta"]
+
+
+def test_archive_shows_progress_on_a_terminal_and_none_in_ci(prefix: str, tmp_path: Path) -> None:
+    async def write() -> None:
+        async with aioredis.Redis.from_url(REDIS_URL) as c:
+            await write_all(c, prefix, make_entries(600, "risk") + make_entries(600, "digits"))
+
+    asyncio.run(write())
+    env = {k: v for k, v in archiver_env(prefix).items() if k not in {"CI", "SWITCHYARD_PROGRESS"}}
+    env["TERM"] = "xterm-256color"
+    args = ("--batch-size", "200", "--no-retention")
+    reports = {}
+    for model, extra in (("risk", {}), ("digits", {"CI": "true"})):
+        cmd = archiver_cmd(prefix, tmp_path / "archive", "--model", model, *args)
+        rc, out, err = run_on_terminal(cmd, {**env, **extra}, ROOT)
+        assert rc == 0, err
+        reports[model] = (orjson.loads(out), err)
+    report, err = reports["risk"]  # on a terminal: entries read of the backlog, rows written
+    assert f"archive {prefix}:risk".encode() in err and b"600/600" in err
+    assert b"600 rows written" in err and redraws(err)
+    report_ci, err_ci = reports["digits"]  # the same on a terminal in CI: the logs only
+    assert b"rows written" not in err_ci and not redraws(err_ci)
+    assert f'"stream":"{prefix}:digits"'.encode() in err_ci  # (the logs did reach it)
+    assert report["rows_written"] == report_ci["rows_written"] == 600

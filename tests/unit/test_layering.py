@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Bottom to top. A module may import its own floor and those below, never one above.
 FLOORS: list[tuple[str, ...]] = [
     ("gateway.errors", "gateway.clock", "gateway.types", "gateway.tensors", "gateway.stats",
-     "gateway.tracing"),
+     "gateway.tracing", "gateway.progress"),
     ("gateway.backends.base", "gateway.backends.triton"),
     ("gateway.resilience.admission", "gateway.resilience.breaker", "gateway.resilience.retry",
      "gateway.backends.pool"),
