@@ -175,6 +175,7 @@ def lifecycle(w: Walk, work: Path, triton_grpc: str, png: Path, rate: float) -> 
     w.run("python", "-m", "gateway", "models", "list", "--model", "risk")
 
     w.say("3. Labelled traffic and the controller: 5 -> 25 -> 50 -> champion")
+    since = time.time()  # the report covers this rollout, not what the stream held before
     traffic = w.start("python", "-m", "loadtest.traffic", "--gateway", w.url, "--rate",
                       f"{rate:g}", "--labels", "--report-s", "15")  # fmt: skip
     demo = {**w.env, **DEMO_POLICY}
@@ -192,7 +193,8 @@ def lifecycle(w: Walk, work: Path, triton_grpc: str, png: Path, rate: float) -> 
     w.run("python", "-m", "gateway", "labels", "join")
     png.parent.mkdir(parents=True, exist_ok=True)
     w.run("python", "-m", "gateway", "rollout", "report", "--model", "risk", "--out",
-          str(work / "report.html"), "--png", str(png))  # fmt: skip
+          str(work / "report.html"), "--png", str(png),
+          "--since-s", f"{time.time() - since + 10:.0f}")  # fmt: skip
     w.stop(traffic)
 
     w.say("4. A worse candidate: the gate refuses it")
