@@ -513,6 +513,8 @@ def render(
         for name in manifest["files"]:
             files[f"{vdir}/{name}"] = (art.files_dir / name).read_bytes()
         files[f"{vdir}/manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+        if (b.model, b.version) in PREDATES_SCORE_HISTOGRAM:
+            files[f"{b.model}/{SCORE_REFERENCE}/{b.version}.json"] = score_reference(b, manifest)
         artifacts[vdir] = art.root
     return files, artifacts
 
@@ -551,6 +553,14 @@ def rounding_only(rel: str, new: bytes, old: bytes) -> bool:
                 )
         except (OSError, ValueError, zipfile.BadZipFile):
             return False  # not an npz at all: a real change
+    if Path(rel).parent.name == SCORE_REFERENCE:
+        # bound to the version's digest (over the weights' hash); the histogram may round
+        try:
+            a, b = json.loads(new), json.loads(old)
+        except ValueError:
+            return False
+        a.pop("digest", None), b.pop("digest", None)
+        return _close(a, b)
     if name == "manifest.json":
         # The weights' hash differs with the bytes; the weights themselves are checked above.
         try:
@@ -593,10 +603,15 @@ def write(
     """Write what changed; a version folder that does not exist yet is published through the
     registry (`gateway.registry.publish`: atomic, never over an existing one)."""
     changed = []
+    files = _bind_score_references(files, out)
     for rel, data in files.items():
         path = out / rel
         is_versioned = _is_versioned(rel)
         if path.exists() and path.read_bytes() == data:
+            continue
+        if path.exists() and Path(rel).parent.name == SCORE_REFERENCE and rounding_only(
+            rel, data, path.read_bytes()
+        ):
             continue
         if path.exists() and is_versioned and not force and _kept_within_rounding(rel, files, out):
             continue  # the committed weights and their manifest stay, byte for byte
@@ -628,6 +643,21 @@ def write(
     return changed
 
 
+def _bind_score_references(files: dict[str, bytes], out: Path) -> dict[str, bytes]:
+    """A score reference names the digest of the version as it is in `out`: a version kept
+    within rounding keeps its committed manifest, and so its committed digest."""
+    bound = dict(files)
+    for rel, data in files.items():
+        model_dir, parent = Path(rel).parent.parent, Path(rel).parent.name
+        manifest = out / model_dir / Path(rel).stem / "manifest.json"
+        if parent != SCORE_REFERENCE or not manifest.exists():
+            continue
+        doc = json.loads(data)
+        doc["digest"] = json.loads(manifest.read_text())["digest"]
+        bound[rel] = (json.dumps(doc, indent=2) + "\n").encode()
+    return bound
+
+
 def _publish(
     out: Path, vdir: str, files: dict[str, bytes], artifacts: dict[str, Path], progress: Progress
 ) -> None:
@@ -649,6 +679,24 @@ HISTOGRAM_BINS = 10
 # Versions published before artifacts carried a holdout score histogram: their manifests are
 # immutable, so their score reference for prediction drift cannot be added to them.
 PREDATES_SCORE_HISTOGRAM = {("risk", 1), ("risk", 2), ("risk_distilled", 1), ("digits", 1)}
+
+
+SCORE_REFERENCE = "score_reference"  # gateway/drift/reference.py reads it
+
+
+def score_reference(b: Built, manifest: dict) -> bytes:
+    """The holdout score histogram of a version whose manifest predates it, beside the version
+    and bound to its digest (prediction drift for the shipped versions)."""
+    from gateway.registry.histograms import score_histogram
+
+    doc = {
+        "model": b.model,
+        "version": b.version,
+        "digest": manifest["digest"],
+        "source": "holdout",
+        "score": score_histogram(holdout_scores(b), HISTOGRAM_BINS),
+    }
+    return (json.dumps(doc, indent=2) + "\n").encode()
 
 
 def holdout_scores(b: Built) -> np.ndarray:

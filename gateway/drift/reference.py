@@ -4,6 +4,12 @@
 at training quantiles and the training counts. A score histogram of the holdout set, when the
 trainer wrote one (`histograms.score`, same shape), is the reference for prediction drift;
 without it the version has feature drift only.
+
+Versions published before artifacts carried a score histogram cannot gain one: a manifest is
+part of the version's immutable content. For them the trainer writes the holdout score
+histogram beside the versions, `<model>/score_reference/<N>.json`, naming the version's digest;
+it counts only while the digest matches the manifest (a folder outside the version, like
+`validation/`, which Triton ignores).
 """
 
 from __future__ import annotations
@@ -56,9 +62,29 @@ def reference_from_manifest(manifest: dict[str, Any]) -> Reference | None:
     return Reference(tuple(names), inner, expected, nbins, s_inner, s_expected)
 
 
+SCORE_REFERENCE_DIR = "score_reference"
+
+
 def load_reference(repository: Path, model: str, version: str) -> Reference | None:
     path = repository / model / version / "manifest.json"
     try:
-        return reference_from_manifest(json.loads(path.read_text()))
+        manifest = json.loads(path.read_text())
+        if not (manifest.get("histograms") or {}).get("score"):
+            score = _sidecar_score(repository / model, version, manifest.get("digest"))
+            if score is not None:
+                manifest = {**manifest, "histograms": {**manifest["histograms"], "score": score}}
+        return reference_from_manifest(manifest)
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no manifest or an unusable one: this version is not tracked
+
+
+def _sidecar_score(model_dir: Path, version: str, digest: object) -> dict[str, Any] | None:
+    """The holdout score histogram kept beside a version, if it names this content."""
+    try:
+        doc = json.loads((model_dir / SCORE_REFERENCE_DIR / f"{version}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("digest") != digest or digest is None:
+        return None  # written for other bytes: no reference rather than a wrong one
+    score = doc.get("score")
+    return score if isinstance(score, dict) else None

@@ -6,6 +6,7 @@ the warn threshold, on /metrics and in `drift report`."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -102,4 +103,6 @@ def test_one_shifted_feature_raises_its_psi_through_the_real_stack(
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout.splitlines()  # fmt: skip
     assert report[0].startswith(f"risk/{version}: {2 * len(x)} sampled rows"), report
+    # prediction drift too: the shipped versions' holdout score histograms (score_reference/)
+    assert re.search(r"score PSI \d+\.\d{3} ", report[0]), report
     assert report[2].split()[0] == SHIFTED

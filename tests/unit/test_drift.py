@@ -210,3 +210,27 @@ def test_drift_report_ranks_and_levels_from_an_exposition() -> None:
     assert [ln.split()[::2] for ln in out[2:4]] == [["x", "PAGE"], ["y", "warn"]]
     assert "score PSI n/a" in out[0]
     assert "no drift measured" in render("risk", parse(text, "risk", "9"), top=2)
+
+
+def test_shipped_versions_have_a_score_reference_beside_their_immutable_manifests(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from gateway.drift.reference import load_reference
+
+    shipped = repo_root / "model_repository"
+    for model, version in (("risk", "1"), ("risk", "2"), ("risk_distilled", "1"), ("digits", "1")):
+        manifest = json.loads((shipped / model / version / "manifest.json").read_text())
+        assert "score" not in manifest["histograms"]  # published before score histograms
+        ref = load_reference(shipped, model, version)
+        assert ref is not None and ref.score_expected is not None, (model, version)
+        assert ref.score_expected.sum() == pytest.approx(1.0)
+    # a sidecar written for other content is ignored: no reference rather than a wrong one
+    repo = tmp_path / "repo"
+    shutil.copytree(shipped / "risk", repo / "risk")
+    sidecar = repo / "risk" / "score_reference" / "2.json"
+    doc = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**doc, "digest": "sha256:" + "0" * 64}))
+    stale = load_reference(repo, "risk", "2")
+    assert stale is not None and stale.score_expected is None and stale.expected.shape[0] == 30
