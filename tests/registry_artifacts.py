@@ -62,11 +62,13 @@ def risk_artifact(dest: Path, c: float = 1.0) -> Path:
     return trainer().export_artifact(risk_built(c), dest)
 
 
-def model_repo(tmp: Path, models: tuple[str, ...] = ("risk",)) -> Path:
-    """A copy of the shipped models (config + versions) to publish into."""
+def model_repo(tmp: Path, models: tuple[str, ...] = ("risk",), reports: bool = False) -> Path:
+    """A copy of the shipped models (config + versions) to publish into; without the committed
+    validation reports unless `reports`, so a test decides which version has one."""
     repo = tmp / "model_repository"
+    skip = ("__pycache__",) if reports else ("__pycache__", "validation")
     for model in models:
         shutil.copytree(
-            MODEL_REPOSITORY / model, repo / model, ignore=shutil.ignore_patterns("__pycache__")
+            MODEL_REPOSITORY / model, repo / model, ignore=shutil.ignore_patterns(*skip)
         )
     return repo
