@@ -609,8 +609,10 @@ def write(
         is_versioned = _is_versioned(rel)
         if path.exists() and path.read_bytes() == data:
             continue
-        if path.exists() and Path(rel).parent.name == SCORE_REFERENCE and rounding_only(
-            rel, data, path.read_bytes()
+        if (
+            path.exists()
+            and Path(rel).parent.name == SCORE_REFERENCE
+            and rounding_only(rel, data, path.read_bytes())
         ):
             continue
         if path.exists() and is_versioned and not force and _kept_within_rounding(rel, files, out):
