@@ -15,46 +15,17 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import stack  # docs/stack.py: the `make run` stack on free ports
+from stack import ROOT, wait_until
+
 OUT = ROOT / "docs" / "images" / "status-page.png"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def wait_until(check, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def predict(url: str, features: list[float], entity: str, deadline_ms: int | None = None) -> None:
@@ -84,38 +55,11 @@ def main() -> int:
     import redis  # the project's dependency; imported here to keep --help instant
 
     work = Path(tempfile.mkdtemp(prefix="switchyard-screenshot-"))
-    routes = work / "routes"
-    shutil.copytree(ROOT / "configs/routes", routes)
-    prefix = f"screenshot-{uuid.uuid4().hex[:8]}"
-    port, *triton = free_ports(7)
-    env = {
-        **os.environ,
-        "SWITCHYARD__ROUTING__ROUTES_DIR": str(routes),
-        "SWITCHYARD__ROUTING__RELOAD_INTERVAL_S": "0.2",
-        "SWITCHYARD__ROLLOUT__RECORD_DIR": str(work / "rollout"),
-        "SWITCHYARD__PREDLOG__SPOOL_DIR": str(work / "spool"),
-        "SWITCHYARD__PREDLOG__STREAM_PREFIX": prefix,
-        "SWITCHYARD__SERVER__HOST": "127.0.0.1",
-    }
-    url = f"http://127.0.0.1:{port}"
-    log = (work / "up.log").open("wb")
-    ports = ["--port", str(port)] + [
-        f"--{flag}-port={p}"
-        for flag, p in zip(
-            ["triton-http", "triton-grpc", "triton-metrics",
-             "fallback-http", "fallback-grpc", "fallback-metrics"], triton, strict=True,
-        )
-    ]  # fmt: skip
-    up = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "up", "--triton-log-file", str(work / "triton.log"),
-         *ports],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    client = redis.Redis.from_url(
-        os.environ.get("SWITCHYARD__REDIS__URL", "redis://127.0.0.1:6379/0")
-    )
+    env = dict(os.environ)
+    own = stack.start(work, env, "screenshot")
+    url, routes, prefix = own.url, Path(env["SWITCHYARD__ROUTING__ROUTES_DIR"]), own.prefix
+    client = redis.Redis.from_url(env.get("SWITCHYARD__REDIS__URL", "redis://127.0.0.1:6379/0"))
     try:
-        wait_until(lambda: http_ok(f"{url}/readyz"), 240, "the stack (readyz)")
         # A canary step as an operator takes it; the page lists the reload it causes.
         gateway(env, "routes", "set-weight", "risk", "--version", "1", "--weight", "25",
                 "--routes-dir", str(routes))  # fmt: skip
@@ -141,15 +85,9 @@ def main() -> int:
         )  # fmt: skip
         print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB)")
     finally:
-        up.send_signal(signal.SIGINT)  # the gateway stops, then both tritonservers
-        try:
-            up.wait(60)
-        except subprocess.TimeoutExpired:
-            up.kill()
-        for key in client.scan_iter(f"{prefix}:*"):
-            client.delete(key)
+        own.stop()
         client.close()
-        log.close()
+        stack.drop_keys(env, prefix)
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -32,24 +32,22 @@ Debian's `prometheus` (without it, step 5 stops at `drift report`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
 import urllib.request
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+import stack  # docs/stack.py: the `make run` stack on free ports
+from stack import ROOT, free_ports, get_json, wait_until
+
 PNG = ROOT / "docs" / "images" / "rollout-report.png"
 DEMO_POLICY = {
     "SWITCHYARD__ROLLOUT__POLICY__WINDOW_S": "45",
@@ -62,36 +60,6 @@ DEMO_POLICY = {
 
 class Step(Exception):
     """A walkthrough step did not do what the README says it does."""
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise Step(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.5)
-
-
-def get_json(url: str) -> Any:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return json.loads(r.read())
-    except (OSError, ValueError):
-        return None
 
 
 class Walk:
@@ -280,47 +248,6 @@ def start_prometheus(work: Path, gateway_hostport: str) -> tuple[subprocess.Pope
     return proc, url
 
 
-def stack(work: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, str]:
-    """`python -m gateway up` (both tritonservers and the gateway, as `make run`) on free
-    ports, on copies of the routes and the model repository."""
-    shutil.copytree(ROOT / "configs/routes", work / "routes")
-    shutil.copytree(ROOT / "model_repository", work / "model_repository",
-                    ignore=shutil.ignore_patterns("__pycache__", ".publish"))  # fmt: skip
-    port, grpc, *triton = free_ports(8)
-    prefix = f"walkthrough-{uuid.uuid4().hex[:8]}"
-    env.update({
-        "SWITCHYARD__ROUTING__ROUTES_DIR": str(work / "routes"),
-        "SWITCHYARD__ROUTING__MODEL_REPOSITORY": str(work / "model_repository"),
-        "SWITCHYARD__ROUTING__RELOAD_INTERVAL_S": "0.2",
-        "SWITCHYARD__ROLLOUT__RECORD_DIR": str(work / "rollout"),
-        "SWITCHYARD__ROLLOUT__KEY_PREFIX": prefix,
-        "SWITCHYARD__PREDLOG__SPOOL_DIR": str(work / "spool"),
-        "SWITCHYARD__PREDLOG__STREAM_PREFIX": prefix,
-        "SWITCHYARD__FEEDBACK__LABEL_PREFIX": f"{prefix}-label",
-        "SWITCHYARD__FEEDBACK__ANSWERED_PREFIX": f"{prefix}-answered",
-        "SWITCHYARD__SERVER__HOST": "127.0.0.1",
-        "SWITCHYARD__SERVER__PORT": str(port),
-        "SWITCHYARD__SERVER__GRPC_PORT": str(grpc),
-    })  # fmt: skip
-    flags = ["triton-http", "triton-grpc", "triton-metrics",
-             "fallback-http", "fallback-grpc", "fallback-metrics"]  # fmt: skip
-    ports = [f"--{f}-port={p}" for f, p in zip(flags, triton, strict=True)]
-    log = (work / "up.log").open("wb")
-    up = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "up", "--port", str(port),
-         "--triton-log-file", str(work / "triton.log"), *ports],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    print(f"$ python -m gateway up --port {port} ... &   (as make run, on free ports)")
-    try:
-        wait_until(lambda: get_json(f"{url}/readyz") is not None, 240, "the stack (readyz)")
-    except Step:
-        print((work / "up.log").read_text()[-3000:], file=sys.stderr)
-        raise
-    return up, url, f"127.0.0.1:{triton[1]}"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--start", action="store_true", help="own stack on free ports, on copies")
@@ -333,12 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="switchyard-walkthrough-"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs: list[subprocess.Popen[bytes]] = []
+    stacks: list[stack.Stack] = []
     redis_keys: str | None = None
     try:
         if args.start:
-            up, url, triton_grpc = stack(work, env)
-            procs.append(up)
-            redis_keys = env["SWITCHYARD__PREDLOG__STREAM_PREFIX"]
+            print("$ python -m gateway up ... &   (as make run, on free ports, on copies)")
+            own = stack.start(work, env, "walkthrough", copy_models=True)
+            stacks.append(own)
+            url, triton_grpc, redis_keys = own.url, own.triton_grpc, own.prefix
             routes = Path(env["SWITCHYARD__ROUTING__ROUTES_DIR"])
             repo = Path(env["SWITCHYARD__ROUTING__MODEL_REPOSITORY"])
         else:
@@ -359,32 +288,19 @@ def main(argv: list[str] | None = None) -> int:
                 walk.stop(proc)
         print("\nwalkthrough: every step did what the README says")
         return 0
-    except Step as exc:
+    except (Step, TimeoutError) as exc:
         print(f"\nwalkthrough FAILED: {exc}", file=sys.stderr)
         return 1
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)  # the gateway stops, then both tritonservers
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                proc.terminate()
+                proc.wait(30)
+        for own in stacks:
+            own.stop()
         if redis_keys is not None:
-            _drop_keys(env, redis_keys)
+            stack.drop_keys(env, redis_keys)
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _drop_keys(env: dict[str, str], prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(env.get("SWITCHYARD__REDIS__URL", "redis://127.0.0.1:6379/0"))
-    try:
-        for pattern in (f"{prefix}:*", f"{prefix}-label:*", f"{prefix}-answered:*"):
-            for key in client.scan_iter(pattern):
-                client.delete(key)
-    finally:
-        client.close()
 
 
 if __name__ == "__main__":
