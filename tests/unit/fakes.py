@@ -90,3 +90,39 @@ def write_small_model(repo: Path) -> None:
         "outputs": ["score", "decision", "confidence"],
     }
     (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+def small_backend() -> FakeBackend:
+    """The route's fallback model, `toy_small`, on a backend of its own."""
+    return FakeBackend([FakeModel("toy_small", small_fn)], name="small")
+
+
+async def ladder_client(
+    tmp_path: Path,
+    aiohttp_client: Any,
+    primary: FakeBackend,
+    small: FakeBackend,
+    route: str,
+    breaker: Any,
+    retry: Any,
+) -> tuple[Any, ListSink, Any]:
+    """The app over a pool of two members, `primary` (toy) and `fallback` (toy_small), with
+    the prediction log captured: (test client, sink, pool)."""
+    from gateway.api.keys import SERVICE
+    from gateway.app import build_app
+    from gateway.backends.pool import BackendPool, PoolMember
+
+    settings = write_repo(tmp_path, route)
+    write_small_model(settings.routing.model_repository)
+    pool = BackendPool(
+        [
+            PoolMember("primary", primary, frozenset({"toy"})),
+            PoolMember("fallback", small, frozenset({"toy_small"})),
+        ],
+        breaker_policy=breaker,
+        retry_policy=retry,
+    )
+    app = build_app(settings, backend=pool)
+    sink = ListSink()
+    app[SERVICE].predlog = sink
+    return await aiohttp_client(app), sink, pool

@@ -26,7 +26,14 @@ from gateway.resilience.breaker import BreakerPolicy, BreakerState
 from gateway.resilience.retry import RetryPolicy
 from gateway.types import Target
 from tests.unit.fake_backend import FakeBackend
-from tests.unit.fakes import ListSink, small_fn, toy_backend, write_repo, write_small_model
+from tests.unit.fakes import (
+    ListSink,
+    ladder_client,
+    small_backend,
+    toy_backend,
+    write_repo,
+    write_small_model,
+)
 
 SPLIT = (
     'challengers:\n  - {target: toy, version: "1", weight: 50, sticky: entity_id}\n'
@@ -42,9 +49,7 @@ def primary() -> FakeBackend:
 
 @pytest.fixture
 def small() -> FakeBackend:
-    from tests.unit.fake_backend import FakeModel
-
-    return FakeBackend([FakeModel("toy_small", small_fn)], name="small")
+    return small_backend()
 
 
 async def make(
@@ -55,20 +60,10 @@ async def make(
     route: str = SPLIT,
     breaker: BreakerPolicy | None = None,
 ) -> tuple[TestClient, ListSink, BackendPool]:
-    settings = write_repo(tmp_path, route)
-    write_small_model(settings.routing.model_repository)
-    pool = BackendPool(
-        [
-            PoolMember("primary", primary, frozenset({"toy"})),
-            PoolMember("fallback", small, frozenset({"toy_small"})),
-        ],
-        breaker_policy=breaker or BreakerPolicy(consecutive_failures=5, open_s=60),
-        retry_policy=RetryPolicy(max_attempts=1),
+    breaker = breaker or BreakerPolicy(consecutive_failures=5, open_s=60)
+    return await ladder_client(
+        tmp_path, aiohttp_client, primary, small, route, breaker, RetryPolicy(max_attempts=1)
     )
-    app = build_app(settings, backend=pool)
-    sink = ListSink()
-    app[SERVICE].predlog = sink
-    return await aiohttp_client(app), sink, pool
 
 
 def v2_body(rows: list[list[float]], **parameters: Any) -> dict[str, Any]:

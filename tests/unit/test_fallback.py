@@ -10,16 +10,14 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.api.keys import METRICS, SERVICE
-from gateway.app import build_app
-from gateway.backends.pool import BackendPool, PoolMember
+from gateway.api.keys import METRICS
 from gateway.clock import FakeClock
 from gateway.errors import BackendUnavailable, Overloaded
 from gateway.resilience.breaker import BreakerPolicy
 from gateway.resilience.fallback import LatencyTrigger, LatencyTriggerPolicy
 from gateway.resilience.retry import RetryPolicy
-from tests.unit.fake_backend import FakeBackend, FakeModel
-from tests.unit.fakes import ListSink, small_fn, toy_backend, write_repo, write_small_model
+from tests.unit.fake_backend import FakeBackend
+from tests.unit.fakes import ListSink, ladder_client, small_backend, toy_backend
 
 ROUTE = (
     'fallback: {target: toy_small, version: "1", cache_ttl_s: 60,'
@@ -34,7 +32,7 @@ def primary() -> FakeBackend:
 
 @pytest.fixture
 def small() -> FakeBackend:
-    return FakeBackend([FakeModel("toy_small", small_fn)], name="small")
+    return small_backend()
 
 
 async def make_client(
@@ -47,20 +45,12 @@ async def make_client(
 ) -> tuple[TestClient, ListSink]:
     if response_cache_ttl_s:  # per route, in the route file
         route += f"\ncache: {{ttl_s: {response_cache_ttl_s}}}\n"
-    settings = write_repo(tmp_path, route)
-    write_small_model(settings.routing.model_repository)
-    pool = BackendPool(
-        [
-            PoolMember("primary", primary, frozenset({"toy"})),
-            PoolMember("fallback", small, frozenset({"toy_small"})),
-        ],
-        breaker_policy=BreakerPolicy(consecutive_failures=3, open_s=60),
-        retry_policy=RetryPolicy(backoff_base_s=0.0, backoff_max_s=0.0),
+    breaker = BreakerPolicy(consecutive_failures=3, open_s=60)
+    retry = RetryPolicy(backoff_base_s=0.0, backoff_max_s=0.0)
+    client, sink, _ = await ladder_client(
+        tmp_path, aiohttp_client, primary, small, route, breaker, retry
     )
-    app = build_app(settings, backend=pool)
-    sink = ListSink()
-    app[SERVICE].predlog = sink
-    return await aiohttp_client(app), sink
+    return client, sink
 
 
 async def predict(client: TestClient, features: list[float], **ctx: Any) -> tuple[int, Any]:
