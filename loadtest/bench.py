@@ -532,10 +532,16 @@ def baseline_checkout(ref: str, into: Path) -> Path:
 
 @contextmanager
 def started_stack(
-    workers: int, log_level: str, workdir: Path, baseline: str | None = None
+    workers: int,
+    log_level: str,
+    workdir: Path,
+    baseline: str | None = None,
+    gateway_env: Sequence[str] = (),
 ) -> Iterator[dict[str, Any]]:
     """Triton (explicit mode, every model loaded) and a gateway process in front of it; with
-    ``baseline``, a second gateway from that git ref in front of the same Triton."""
+    ``baseline``, a second gateway from that git ref in front of the same Triton.
+    ``gateway_env`` (``KEY=VALUE``) goes to the gateway under test only, e.g. a setting that
+    the baseline's settings would refuse as unknown."""
     from gateway.tritonserver import TritonOptions, TritonPorts, TritonServer, free_port
 
     triton = TritonServer(
@@ -562,7 +568,8 @@ def started_stack(
         # SLO would send requests past 200 ms, or a p99 over 100 ms, to the distilled model).
         mine = {**env, "SWITCHYARD__SERVER__GRPC_PORT": str(grpc_port),
                 "SWITCHYARD__ROUTING__SLO_DEADLINE_FACTOR": "10",
-                "SWITCHYARD__RESILIENCE__FALLBACK__LATENCY__SLO_MULTIPLIER": "10"}  # fmt: skip
+                "SWITCHYARD__RESILIENCE__FALLBACK__LATENCY__SLO_MULTIPLIER": "10",
+                **dict(kv.split("=", 1) for kv in gateway_env)}  # fmt: skip
         url, pid = _gateway_process(stack, REPO_ROOT, mine, workers, workdir / "gateway.log")
         where: dict[str, Any] = {
             "gateway": url,
@@ -587,6 +594,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline", metavar="REF", help="with --start: also run a gateway from "
                    "this git ref (e.g. main) in front of the same Triton")  # fmt: skip
     p.add_argument("--gateway-log-level", default="info", help="gateway log level (--start)")
+    p.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --start: env for the gateway under test (repeatable)")  # fmt: skip
     p.add_argument("--gateway", help="gateway base URL")
     p.add_argument("--triton-http", help="Triton HTTP base URL")
     p.add_argument("--triton-grpc", help="Triton gRPC host:port")
@@ -621,7 +630,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.start:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
             where = stack.enter_context(
-                started_stack(args.workers, args.gateway_log_level, workdir, args.baseline)
+                started_stack(
+                    args.workers, args.gateway_log_level, workdir, args.baseline, args.gateway_env
+                )
             )
         else:
             where = {
