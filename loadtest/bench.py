@@ -512,7 +512,8 @@ def _gateway_process(
         except OSError:
             pass
         if gw.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"gateway did not become ready; see {log_path}")
+            tail = log_path.read_bytes()[-3000:].decode(errors="replace")
+            raise RuntimeError(f"gateway did not become ready; {log_path} ends:\n{tail}")
         time.sleep(0.1)
 
 
@@ -581,6 +582,8 @@ def started_stack(
         if baseline:
             tree = baseline_checkout(baseline, workdir / "baseline")
             base_env = {**env, "SWITCHYARD__PREDLOG__SPOOL_DIR": str(workdir / "spool-baseline")}
+            if "grpc_port" in (tree / "gateway" / "config.py").read_text():
+                base_env["SWITCHYARD__SERVER__GRPC_PORT"] = "0"  # a baseline with a gRPC door
             where["baseline"], where["pids"]["baseline"] = _gateway_process(
                 stack, tree, base_env, workers, workdir / "baseline.log"
             )
