@@ -12,6 +12,7 @@ import numpy as np
 import structlog
 from aiohttp import web
 
+from gateway.access_log import AccessSampler
 from gateway.api import admin, feedback, oip, openapi, ui
 from gateway.api import routes as v1
 from gateway.api.keys import METRICS, SERVICE, SETTINGS, TRACING
@@ -125,7 +126,7 @@ def build_app(
         # their deadline) only for callers that may call.
         middlewares=[
             *traced,
-            request_context,
+            request_context(AccessSampler(settings.log.access, clock, metrics.access_skipped)),
             connection_gate(server.max_connections),
             *security.middlewares,
             body_deadline(server.body_read_timeout_s, server.max_body_bytes),

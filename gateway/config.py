@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from gateway.access_log import AccessLogPolicy
 from gateway.batching import BatchingPolicy
 from gateway.drift.tracker import DriftPolicy
 from gateway.resilience.admission import AdmissionLimits
@@ -347,6 +348,9 @@ class AuditSettings:
 class LogSettings:
     level: str = "info"
     json: bool = True
+    #: Which requests get an access line (gateway/access_log.py): errors and slow ones
+    #: always, fast successes up to a per-second budget (default: every request).
+    access: AccessLogPolicy = field(default_factory=AccessLogPolicy)
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,12 @@ class Metrics:
             ["sink"],
             registry=r,
         )
+        # Fast successes over the access-log budget (log.access): counted here, not written.
+        self.access_skipped = Counter(
+            "access_log_skipped_total",
+            "Access lines not written: fast successes over log.access.max_lines_per_s",
+            registry=r,
+        )
         # What the HPA scales on (deploy/k8s): predictions the gateway is working on now.
         self.in_flight = Gauge(
             "gateway_in_flight_requests",

@@ -559,7 +559,8 @@ def _gateway_process(
         except OSError:
             pass
         if gw.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"gateway did not become ready; see {log_path}")
+            tail = log_path.read_bytes()[-3000:].decode(errors="replace")
+            raise RuntimeError(f"gateway did not become ready; {log_path} ends:\n{tail}")
         time.sleep(0.1)
 
 
@@ -579,10 +580,16 @@ def baseline_checkout(ref: str, into: Path) -> Path:
 
 @contextmanager
 def started_stack(
-    workers: int, log_level: str, workdir: Path, baseline: str | None = None
+    workers: int,
+    log_level: str,
+    workdir: Path,
+    baseline: str | None = None,
+    gateway_env: Sequence[str] = (),
 ) -> Iterator[dict[str, Any]]:
     """Triton (explicit mode, every model loaded) and a gateway process in front of it; with
-    ``baseline``, a second gateway from that git ref in front of the same Triton."""
+    ``baseline``, a second gateway from that git ref in front of the same Triton.
+    ``gateway_env`` (``KEY=VALUE``) goes to the gateway under test only, e.g. a setting that
+    the baseline's settings would refuse as unknown."""
     from gateway.tritonserver import TritonOptions, TritonPorts, TritonServer, free_port
 
     triton = TritonServer(
@@ -609,7 +616,8 @@ def started_stack(
         # SLO would send requests past 200 ms, or a p99 over 100 ms, to the distilled model).
         mine = {**env, "SWITCHYARD__SERVER__GRPC_PORT": str(grpc_port),
                 "SWITCHYARD__ROUTING__SLO_DEADLINE_FACTOR": "10",
-                "SWITCHYARD__RESILIENCE__FALLBACK__LATENCY__SLO_MULTIPLIER": "10"}  # fmt: skip
+                "SWITCHYARD__RESILIENCE__FALLBACK__LATENCY__SLO_MULTIPLIER": "10",
+                **dict(kv.split("=", 1) for kv in gateway_env)}  # fmt: skip
         url, pid = _gateway_process(stack, REPO_ROOT, mine, workers, workdir / "gateway.log")
         where: dict[str, Any] = {
             "gateway": url,
@@ -621,6 +629,8 @@ def started_stack(
         if baseline:
             tree = baseline_checkout(baseline, workdir / "baseline")
             base_env = {**env, "SWITCHYARD__PREDLOG__SPOOL_DIR": str(workdir / "spool-baseline")}
+            if "grpc_port" in (tree / "gateway" / "config.py").read_text():
+                base_env["SWITCHYARD__SERVER__GRPC_PORT"] = "0"  # a baseline with a gRPC door
             where["baseline"], where["pids"]["baseline"] = _gateway_process(
                 stack, tree, base_env, workers, workdir / "baseline.log"
             )
@@ -634,6 +644,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline", metavar="REF", help="with --start: also run a gateway from "
                    "this git ref (e.g. main) in front of the same Triton")  # fmt: skip
     p.add_argument("--gateway-log-level", default="info", help="gateway log level (--start)")
+    p.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --start: env for the gateway under test (repeatable)")  # fmt: skip
     p.add_argument("--gateway", help="gateway base URL")
     p.add_argument("--triton-http", help="Triton HTTP base URL")
     p.add_argument("--triton-grpc", help="Triton gRPC host:port")
@@ -669,7 +681,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.start:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
             where = stack.enter_context(
-                started_stack(args.workers, args.gateway_log_level, workdir, args.baseline)
+                started_stack(
+                    args.workers, args.gateway_log_level, workdir, args.baseline, args.gateway_env
+                )
             )
         else:
             where = {

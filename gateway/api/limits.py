@@ -81,6 +81,9 @@ def body_deadline(timeout_s: float, max_bytes: int) -> Middleware:
                     f"body of {request.content_length} bytes exceeds the limit of {max_bytes}",
                     details={"limit": max_bytes},
                 )
+            if request.content.is_eof():  # all of it arrived with the headers: no wait,
+                await request.read()  # so no timer (~2 % of a prediction's CPU); cached
+                return await handler(request)
             try:
                 async with asyncio.timeout(timeout_s):
                     await request.read()  # cached: the handler's read() returns it
