@@ -12,9 +12,10 @@ import asyncio
 import base64
 import gzip
 import json
+import secrets
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,13 +98,18 @@ class Receiver:
                         attrs.get("service.name", ""), s.name, s.trace_id.hex(),
                         s.span_id.hex(), s.parent_span_id.hex(), span_attrs))  # fmt: skip
 
-    async def wait_for(self, trace_id: str, done: object, timeout_s: float) -> list[ReceivedSpan]:
-        """Poll until ``done(spans)`` holds for the trace (exports come in batches)."""
+    async def wait_for(
+        self, trace_id: str, done: object, timeout_s: float, required: bool = True
+    ) -> list[ReceivedSpan] | None:
+        """Poll until ``done(spans)`` holds for the trace (exports come in batches); past the
+        deadline fail, or return None when not ``required``."""
         deadline = time.monotonic() + timeout_s
         while True:
             spans = list(self.traces.get(trace_id, ()))
             if done(spans):  # type: ignore[operator]
                 return spans
+            if time.monotonic() > deadline and not required:
+                return None
             if time.monotonic() > deadline:
                 got = sorted((s.service, s.name) for s in spans)
                 others = {t: sorted({(x.service, x.name) for x in v})
@@ -142,12 +148,58 @@ async def receiver() -> AsyncIterator[Receiver]:
     await runner.cleanup()
 
 
-def complete(spans: list[ReceivedSpan]) -> bool:
-    """The gateway's backend call and Triton's top span below it have both arrived."""
-    names = {(s.service, s.name) for s in spans}
-    return ("switchyard", "triton ModelInfer") in names and any(
-        s.service == "triton" for s in spans
-    )
+GATEWAY_SPANS = {"route", "fallback", "rung primary", "coalesce", "pool", "triton ModelInfer",
+                 "predlog.record"}  # fmt: skip
+
+
+def gateway_complete(root: str) -> Callable[[list[ReceivedSpan]], bool]:
+    """Every gateway span of the request has arrived. The two processes export in batches of
+    their own, and a batch may hold part of a trace: a partial trace would fail on a span
+    still on its way. (A span ends after its children, so the root's arrival means theirs.)"""
+
+    def done(spans: list[ReceivedSpan]) -> bool:
+        return GATEWAY_SPANS | {root} <= {s.name for s in spans if s.service == "switchyard"}
+
+    return done
+
+
+def complete(root: str) -> Callable[[list[ReceivedSpan]], bool]:
+    """The gateway's spans and Triton's top span under the gateway's backend call."""
+
+    def done(spans: list[ReceivedSpan]) -> bool:
+        call = next((s for s in spans if s.name == "triton ModelInfer"), None)
+        return (
+            gateway_complete(root)(spans)
+            and call is not None
+            and any(s.service == "triton" and s.parent_id == call.span_id for s in spans)
+        )
+
+    return done
+
+
+#: tritonserver 2.51 exports no span at all for a few requests that carry a sampled
+#: traceparent: 58 of 60 sent straight to it (no gateway) were traced. A request whose
+#: Triton spans do not come within this long is sent again under a new trace id.
+TRITON_SPANS_WAIT_S = 5.0
+ATTEMPTS = 3
+
+
+async def joined_trace(
+    receiver: Receiver, send: Callable[[str, str], Awaitable[None]], root: str
+) -> None:
+    """Send with a fresh traceparent until one trace holds the gateway's spans and Triton's
+    joined under the backend call; the gateway's own spans must arrive for every attempt."""
+    for _ in range(ATTEMPTS):
+        trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+        await send(trace_id, span_id)
+        await receiver.wait_for(trace_id, gateway_complete(root), 30)  # fails the test if not
+        spans = await receiver.wait_for(
+            trace_id, complete(root), TRITON_SPANS_WAIT_S, required=False
+        )
+        if spans is not None:
+            assert_joined(spans, root, span_id)
+            return
+    pytest.fail(f"{root}: no Triton span under the gateway's call in {ATTEMPTS} traces")
 
 
 def assert_joined(spans: list[ReceivedSpan], root: str, client_span: str) -> None:
@@ -155,8 +207,7 @@ def assert_joined(spans: list[ReceivedSpan], root: str, client_span: str) -> Non
     gateway = [s for s in spans if s.service == "switchyard"]
     triton = [s for s in spans if s.service == "triton"]
     names = {s.name for s in gateway}
-    assert {root, "route", "fallback", "rung primary", "coalesce", "pool",
-            "triton ModelInfer", "predlog.record"} <= names, names  # fmt: skip
+    assert GATEWAY_SPANS | {root} <= names, names
     top = next(s for s in gateway if s.name == root)
     assert top.parent_id == client_span  # the client's span is the gateway's parent
     assert top.attributes["model"] == "risk" and top.attributes["arm"]
@@ -200,23 +251,22 @@ async def test_one_trace_from_client_through_gateway_into_triton(
         gw = await asyncio.to_thread(start_gateway, repo_root, tmp_path, server.grpc_url, env)
         try:
             await asyncio.to_thread(wait_http_ok, f"{gw.url}/healthz", 30, gw.process, gw.log_file)
-            # REST: the traceparent header.
-            rest_trace, rest_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
             async with ClientSession() as http:
-                resp = await http.post(
-                    f"{gw.url}/v1/predict",
-                    json={"model_name": "risk", "entity_id": "e-1", "features": FEATURES},
-                    headers={"traceparent": f"00-{rest_trace}-{rest_span}-01"},
-                )
-                assert resp.status == 200, await resp.text()
-            spans = await receiver.wait_for(rest_trace, complete, 30)
-            assert_joined(spans, "POST /v1/predict", rest_span)
 
-            # gRPC: the traceparent metadata, through stock tritonclient.
-            grpc_trace, grpc_span = "5b8aa5a2d2c872e8321cf37308d69df2", "051581bf3cb55c13"
-            await asyncio.to_thread(_grpc_infer, gw.grpc_url, grpc_trace, grpc_span)
-            spans = await receiver.wait_for(grpc_trace, complete, 30)
-            assert_joined(spans, "grpc ModelInfer", grpc_span)
+                async def rest(trace_id: str, span_id: str) -> None:  # the traceparent header
+                    resp = await http.post(
+                        f"{gw.url}/v1/predict",
+                        json={"model_name": "risk", "entity_id": "e-1", "features": FEATURES},
+                        headers={"traceparent": f"00-{trace_id}-{span_id}-01"},
+                    )
+                    assert resp.status == 200, await resp.text()
+
+                await joined_trace(receiver, rest, "POST /v1/predict")
+
+            async def grpc(trace_id: str, span_id: str) -> None:  # metadata, stock tritonclient
+                await asyncio.to_thread(_grpc_infer, gw.grpc_url, trace_id, span_id)
+
+            await joined_trace(receiver, grpc, "grpc ModelInfer")
             assert receiver.errors == []
         finally:
             await asyncio.to_thread(stop_gateway, gw)
