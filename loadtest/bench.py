@@ -30,7 +30,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -602,12 +603,17 @@ def started_stack(
         log_file=workdir / "tritonserver.log",
         ready_timeout_s=120,
     )
+    # Redis keys of its own: a benchmark's million entries must not crowd (or, by the
+    # stream's MAXLEN, trim) the prediction log of a `make run` stack on the same Redis.
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
     with ExitStack() as stack:
         stack.enter_context(triton)
+        stack.callback(_drop_redis_keys, os.environ, prefix)
         env = {
             **os.environ,
             "SWITCHYARD__TRITON__GRPC_URL": triton.grpc_url,
             "SWITCHYARD__PREDLOG__SPOOL_DIR": str(workdir / "spool"),
+            "SWITCHYARD__PREDLOG__STREAM_PREFIX": prefix,
             "SWITCHYARD__LOG__LEVEL": log_level,
         }
         grpc_port = free_port()
@@ -615,6 +621,7 @@ def started_stack(
         # loaded machine measures the path's cost and not the fallback ladder's (risk's own
         # SLO would send requests past 200 ms, or a p99 over 100 ms, to the distilled model).
         mine = {**env, "SWITCHYARD__SERVER__GRPC_PORT": str(grpc_port),
+                "SWITCHYARD__FEEDBACK__ANSWERED_PREFIX": f"{prefix}-answered",
                 "SWITCHYARD__ROUTING__SLO_DEADLINE_FACTOR": "10",
                 "SWITCHYARD__RESILIENCE__FALLBACK__LATENCY__SLO_MULTIPLIER": "10",
                 **dict(kv.split("=", 1) for kv in gateway_env)}  # fmt: skip
@@ -635,6 +642,24 @@ def started_stack(
                 stack, tree, base_env, workers, workdir / "baseline.log"
             )
         yield where
+
+
+def _drop_redis_keys(env: Mapping[str, str], prefix: str) -> None:
+    """Delete what the benchmark's gateways wrote to Redis (best effort: Redis may be gone)."""
+    import redis
+
+    client = redis.Redis.from_url(
+        env.get("SWITCHYARD__REDIS__URL", "redis://127.0.0.1:6379/0"), socket_timeout=5
+    )
+    try:
+        for pattern in (f"{prefix}:*", f"{prefix}-answered:*"):
+            keys = list(client.scan_iter(pattern, count=10_000))
+            for i in range(0, len(keys), 10_000):
+                client.delete(*keys[i : i + 10_000])
+    except redis.RedisError:
+        pass
+    finally:
+        client.close()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

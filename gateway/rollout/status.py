@@ -129,12 +129,15 @@ def render_text(view: dict[str, Any]) -> str:
                  "  lease: free (no controller acting)")  # fmt: skip
     if view["edited_outside_controller"]:
         lines.append("  the route file has an edit the controller did not make; it stands")
-    if view["gates"]:
+    if view.get("weight") == 0:  # a rollback target or a rolled-back canary: nothing to judge
+        lines.append("  no canary: the challenger is at 0 % (the controller never restarts "
+                     "one; `routes set-weight` does)")  # fmt: skip
+    elif view["gates"]:
         lines.append(f"  gates over the last {view['window_s']:g} s (current policy only):")
         for g in view["gates"]:
             mark = {True: "pass", False: "FAIL", None: "  - "}[g["ok"]]
             lines.append(f"    [{mark}] {g['gate']:<15} {g['value']}  (need {g['threshold']})")
-    if view.get("verdict"):
+    if view.get("verdict") and view.get("weight") != 0:
         v = view["verdict"]
         lines.append(f"  now: {v['action']} -> {v['next_weight']:g} %"
                      + (" (champion swap)" if v["final"] else ""))  # fmt: skip

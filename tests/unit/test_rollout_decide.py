@@ -143,3 +143,24 @@ async def test_loop_survives_a_failing_evaluation_and_sleeps_its_interval(tmp_pa
     assert released == ["risk"]  # given up on the way out
     assert slept == [60.0, 60.0]
     assert not (tmp_path / "rec").exists()  # nothing decided, nothing recorded
+
+
+def test_status_shows_no_gates_for_a_challenger_at_zero() -> None:
+    """After the swap (or a rollback) the challenger at 0 % is a rollback target: the status
+    says so instead of judging it (it once showed "[FAIL] samples ... now: hold -> 0 %")."""
+    from gateway.rollout.status import render_text
+
+    gate = {"gate": "samples", "ok": False, "value": "0 / 75", "threshold": ">= 100 each"}
+    view = {
+        "model": "risk", "stage": "promoted: risk@3 is the champion; rollback target at 0 %",
+        "champion": "risk@3", "challenger": "risk@2", "route_file": "risk.yaml",
+        "policy_version": "routes@1", "lease": None, "edited_outside_controller": False,
+        "weight": 0.0, "window_s": 45.0, "gates": [gate], "history": [],
+        "verdict": {"action": "hold", "next_weight": 0.0, "final": False, "reasons": []},
+    }  # fmt: skip
+    text = render_text(view)
+    assert "no canary: the challenger is at 0 %" in text
+    assert "[FAIL]" not in text and "now:" not in text
+    canary = render_text({**view, "weight": 25.0})
+    assert "[FAIL] samples" in canary and "now: hold -> 0 %" in canary
+    assert "no canary" not in canary
