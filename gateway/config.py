@@ -43,6 +43,9 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     max_batch_items: int = 256
     shutdown_timeout_s: float = 10.0
+    #: On SIGTERM: stop accepting, then this long for accepted connections to send their
+    #: request (answered within shutdown_timeout_s) before idle ones are closed.
+    drain_grace_s: float = 0.5
     #: TLS on REST and gRPC alike (gateway/tls.py): both set, or neither (plaintext).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

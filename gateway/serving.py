@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import signal
+import socket
 from collections.abc import Callable
 
 import structlog
@@ -17,7 +19,7 @@ from aiohttp import web
 
 from gateway.api.grpc_server import grpc_serving
 from gateway.app import build_app
-from gateway.config import Settings
+from gateway.config import ServerSettings, Settings
 from gateway.log import configure_logging
 from gateway.tls import rest_ssl_context
 
@@ -39,10 +41,28 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
+def rest_listener(server: ServerSettings) -> socket.socket:
+    """The REST listening socket that `serve --workers` binds once, in the supervisor, and
+    hands to every worker. One socket, one accept queue: a worker that stops (a SIGHUP
+    reload, a crash) leaves the connections queued on it to the others. With a socket per
+    worker (SO_REUSEPORT) the kernel resets the connections still queued on the one that
+    closes, which a rolling reload met as a failed request now and then."""
+    family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+    return socket.create_server(
+        (server.host, server.port), family=family, backlog=server.backlog, reuse_port=False
+    )
+
+
 def serve_one(
-    settings: Settings, reuse_port: bool = False, on_listening: Callable[[], object] | None = None
+    settings: Settings,
+    reuse_port: bool = False,
+    on_listening: Callable[[], object] | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
-    """One gateway process on a uvloop event loop; ``on_listening`` runs once it accepts."""
+    """One gateway process on a uvloop event loop; ``on_listening`` runs once it accepts.
+
+    ``sock``: serve REST on this listening socket (a worker's share of the supervisor's)
+    instead of binding server.host/port; ``reuse_port`` then concerns the gRPC port only."""
     configure_logging(settings.log.level, settings.log.json)
     loop: asyncio.AbstractEventLoop
     try:
@@ -60,7 +80,7 @@ def serve_one(
         tune_gc()
         return app
 
-    def listening(_: str) -> None:
+    def listening() -> None:
         log.info(
             "listening",
             host=settings.server.host,
@@ -71,24 +91,67 @@ def serve_one(
         if on_listening is not None:
             on_listening()
 
+    async def serve() -> None:
+        runner = web.AppRunner(
+            await make_app(),
+            handle_signals=False,  # below: stop accepting, let the accepted speak, then drain
+            access_log=None,
+            shutdown_timeout=settings.server.shutdown_timeout_s,
+            # A client that disconnects cancels its handler, and with it the Triton call and
+            # its admission slot (aiohttp leaves handlers running by default).
+            handler_cancellation=True,
+            # Request line, header field and header count limits of aiohttp's parser; the
+            # body deadline and the connection cap are middlewares (gateway/api/limits.py).
+            max_line_size=settings.server.max_line_bytes,
+            max_field_size=settings.server.max_header_bytes,
+            max_headers=settings.server.max_headers,
+        )
+        await runner.setup()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        try:
+            site: web.BaseSite = (
+                web.SockSite(runner, sock, ssl_context=ssl_context)
+                if sock is not None
+                else web.TCPSite(
+                    runner,
+                    settings.server.host,
+                    settings.server.port,
+                    ssl_context=ssl_context,
+                    backlog=settings.server.backlog,
+                    reuse_port=reuse_port or None,
+                )
+            )
+            await site.start()
+            listening()
+            await stop.wait()
+            # aiohttp's own shutdown closes the listener and, one loop turn later, every
+            # connection without a request in progress: a client whose connection was just
+            # accepted, its request still on the way, got a reset (a rolling reload under
+            # load lost requests). Stop accepting first; give the accepted connections
+            # server.drain_grace_s to deliver their request, which then counts as in flight
+            # and is answered within shutdown_timeout_s.
+            await site.stop()
+            await asyncio.sleep(settings.server.drain_grace_s)
+        finally:
+            await runner.cleanup()
+
     ssl_context = rest_ssl_context(settings.server)  # TLS settings wrong: fail before binding
-    web.run_app(
-        make_app(),
-        host=settings.server.host,
-        port=settings.server.port,
-        ssl_context=ssl_context,
-        access_log=None,
-        shutdown_timeout=settings.server.shutdown_timeout_s,
-        reuse_port=reuse_port or None,
-        # A client that disconnects cancels its handler, and with it the Triton call and its
-        # admission slot (aiohttp leaves handlers running by default).
-        handler_cancellation=True,
-        # Request line, header field and header count limits of aiohttp's parser; the body
-        # deadline and the connection cap are middlewares (gateway/api/limits.py).
-        backlog=settings.server.backlog,
-        max_line_size=settings.server.max_line_bytes,
-        max_field_size=settings.server.max_header_bytes,
-        max_headers=settings.server.max_headers,
-        print=listening,
-        loop=loop,
-    )
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(serve())
+    finally:
+        _cancel_remaining(loop)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
+    """As web.run_app does on exit: cancel what is left and let it finish cancelling."""
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))

@@ -1,7 +1,9 @@
 """`serve --workers N`: N gateway processes on one port, supervised by a parent.
 
-Each worker is a full gateway (its own event loop, gRPC channel, breakers) listening with
-SO_REUSEPORT, so the kernel spreads connections over them; they share nothing but Redis.
+Each worker is a full gateway (its own event loop, gRPC channel, breakers); they share
+nothing but Redis and the REST listening socket, which the parent binds once and hands to
+each (`serving.rest_listener`: one accept queue, so a worker that stops never strands the
+connections queued for it). The gRPC port is bound by each worker with SO_REUSEPORT.
 The parent only supervises:
 
 - SIGTERM / SIGINT: forwarded to every worker as SIGTERM; each drains its in-flight requests
@@ -24,6 +26,7 @@ import multiprocessing.synchronize
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,15 +45,18 @@ _READY_TIMEOUT_S = 60.0
 _RESTART_PAUSE_S = 1.0
 
 
-def run_worker(settings: Settings, ready: multiprocessing.synchronize.Event) -> None:
-    """Entry point of one worker process (spawned, so it imports everything afresh)."""
+def run_worker(
+    settings: Settings, ready: multiprocessing.synchronize.Event, sock: socket.socket
+) -> None:
+    """Entry point of one worker process (spawned, so it imports everything afresh); `sock`
+    is the supervisor's REST listening socket, shared by every worker."""
     from gateway.serving import serve_one
 
     # Own session: a terminal's Ctrl-C reaches only the parent, which forwards one SIGTERM
     # (a second signal would cut the worker's drain short). Die with the parent, too.
     os.setsid()
     _die_with_parent()
-    serve_one(settings, reuse_port=True, on_listening=ready.set)
+    serve_one(settings, reuse_port=True, on_listening=ready.set, sock=sock)
 
 
 def _die_with_parent() -> None:
@@ -81,9 +87,13 @@ class Supervisor:
         self._stop = False
         self._reload = False
         self._metrics_dir = ""
+        self._sock: socket.socket | None = None
 
     def run(self) -> int:
         """Block until SIGTERM/SIGINT; return 0 when every worker exited cleanly."""
+        from gateway.serving import rest_listener
+
+        self._sock = rest_listener(self.settings.server)  # before any worker: one queue
         self._metrics_dir = tempfile.mkdtemp(prefix="switchyard-metrics-")
         os.environ[MULTIPROC_ENV] = self._metrics_dir  # inherited by the spawned workers
         previous = {
@@ -105,6 +115,7 @@ class Supervisor:
                 signal.signal(sig, handler)
             os.environ.pop(MULTIPROC_ENV, None)
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            self._sock.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -113,9 +124,10 @@ class Supervisor:
             self._stop = True
 
     def _spawn(self) -> _Worker:
+        assert self._sock is not None, "run() binds the listening socket first"
         ready = self._ctx.Event()
         proc = self._ctx.Process(
-            target=run_worker, args=(self.settings, ready), name="switchyard-worker"
+            target=run_worker, args=(self.settings, ready, self._sock), name="switchyard-worker"
         )
         proc.start()
         return _Worker(proc, ready)
@@ -148,7 +160,7 @@ class Supervisor:
         for w in workers:
             if w.process.is_alive() and w.process.pid is not None:
                 os.kill(w.process.pid, signal.SIGTERM)
-        grace = self.settings.server.shutdown_timeout_s + 5.0
+        grace = self.settings.server.shutdown_timeout_s + self.settings.server.drain_grace_s + 5.0
         codes = []
         for w in workers:
             w.process.join(grace)

@@ -259,7 +259,9 @@ def parse_route(content: bytes, source: str, sticky_secret: str = "") -> Route:
     for key in ("model", "champion"):
         if key not in data:
             raise doc.error((), f"a route needs '{key}'")
-    name = str(data["model"])
+    name = data["model"]
+    if not isinstance(name, str) or not name.strip():  # `model: ""` once made a nameless route
+        raise doc.error(("model",), "'model' must be a non-empty string: the public model name")
     champion = _target(doc, data["champion"], ("champion",))
     return Route(
         name=name,

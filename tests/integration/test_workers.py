@@ -8,9 +8,11 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -149,21 +151,42 @@ def _read_response(sock: socket.socket) -> bytes:
 
 
 def test_sighup_replaces_workers_one_by_one(workers2: GatewayProcess) -> None:
+    """No request fails while the workers are replaced, with new connections arriving all
+    the time: a worker that stops must not take the connections queued for it down with it
+    (with a listening socket per worker, SO_REUSEPORT, the kernel reset them)."""
     old = _pids_answering(workers2.url, 2)
-    workers2.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 90
-    failures, new = 0, set()
-    while time.monotonic() < deadline:
+    stop, errors = threading.Event(), []
+
+    def hammer() -> int:  # a fresh connection per request, as fast as they are answered
+        sent = 0
+        while not stop.is_set():
+            try:
+                assert _predict(workers2.url) == 200
+            except OSError as exc:
+                errors.append(repr(exc))
+            sent += 1
+        return sent
+
+    with ThreadPoolExecutor(16) as pool:
+        load = [pool.submit(hammer) for _ in range(16)]
+        workers2.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 90
+        failures, new = 0, set()
         try:
-            assert _predict(workers2.url) == 200
-            pid = json.loads(_get(f"{workers2.url}/healthz"))["pid"]
-        except OSError:
-            failures += 1
-            continue
-        if pid not in old:
-            new.add(pid)
-        live = {p.pid for p in psutil.Process(workers2.process.pid).children()}
-        if len(new) == 2 and not (old & live):
-            break
+            while time.monotonic() < deadline:
+                try:
+                    pid = json.loads(_get(f"{workers2.url}/healthz"))["pid"]
+                except OSError:
+                    failures += 1
+                    continue
+                if pid not in old:
+                    new.add(pid)
+                live = {p.pid for p in psutil.Process(workers2.process.pid).children()}
+                if len(new) == 2 and not (old & live):
+                    break
+        finally:
+            stop.set()
+        sent = sum(f.result() for f in load)
     assert len(new) == 2, (old, new)
-    assert failures == 0
+    assert sent > 100  # the reload happened under load
+    assert failures == 0 and errors == [], (failures, errors[:5], sent)

@@ -108,3 +108,11 @@ def test_cli_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["routes", "check", str(good)]) == 0
     assert main(["routes", "check", str(good), str(bad)]) == 1
     assert f"{bad}:4: challengers[0].weight" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ['""', '"  "', "null", "5", "[risk]"])
+def test_the_model_name_must_be_a_non_empty_string(model: str) -> None:
+    # found by test_loader_props: `model: ""` parsed as a route without a name
+    doc = f'model: {model}\nchampion: {{target: risk, version: "1"}}\n'.encode()
+    with pytest.raises(RouteError, match="'model' must be a non-empty string"):
+        parse_route(doc, "r.yaml")
