@@ -48,15 +48,33 @@ def _redis_settings(args: argparse.Namespace) -> Any:
     return settings
 
 
+def _controller(client: Any, settings: Any, routes_dir: Path, **options: Any) -> Any:
+    """The RolloutController as the settings configure it (`promote` adds what only acting
+    needs: catalog, validation, audit, lease TTL; `rollout status` only reads)."""
+    from gateway.predlog.feedback import LabelStore
+    from gateway.rollout.controller import RolloutController
+
+    fb, ro = settings.feedback, settings.rollout
+    return RolloutController(
+        client,
+        LabelStore(client, fb.label_prefix, fb.label_ttl_s),
+        routes_dir=routes_dir,
+        policy=ro.policy,
+        record_dir=ro.record_dir,
+        stream_prefix=settings.predlog.stream_prefix,
+        key_prefix=ro.key_prefix,
+        **options,
+    )
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from gateway.audit import AuditLog
     from gateway.catalog import ModelCatalog
     from gateway.errors import SwitchyardError
     from gateway.log import configure_logging
     from gateway.observability import redis_client
-    from gateway.predlog.feedback import LabelStore
     from gateway.registry.report import ValidationGate
-    from gateway.rollout.controller import RolloutController, RolloutError
+    from gateway.rollout.controller import RolloutError
     from gateway.routing.table import RouteError
 
     settings = _redis_settings(args)
@@ -68,19 +86,15 @@ def cmd_promote(args: argparse.Namespace) -> int:
     async def run() -> int:
         client = redis_client(settings)
         assert client is not None
-        fb, ro = settings.feedback, settings.rollout
-        controller = RolloutController(
+        ro = settings.rollout
+        controller = _controller(
             client,
-            LabelStore(client, fb.label_prefix, fb.label_ttl_s),
-            routes_dir=args.routes_dir or settings.routing.routes_dir,
-            policy=ro.policy,
-            record_dir=ro.record_dir,
-            stream_prefix=settings.predlog.stream_prefix,
+            settings,
+            args.routes_dir or settings.routing.routes_dir,
             catalog=ModelCatalog.load(repo) if repo.is_dir() else None,
             dry_run=args.dry_run,
             validation=ValidationGate(repo) if settings.routing.require_validation else None,
             audit=AuditLog.from_settings(settings, via="rollout-controller"),
-            key_prefix=ro.key_prefix,
             lease_ttl_s=ro.lease_ttl_s,
             audit_maxlen=ro.audit_maxlen,
         )
@@ -188,39 +202,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from gateway.config import ConfigError, load_settings
     from gateway.errors import SwitchyardError
     from gateway.observability import redis_client
-    from gateway.predlog.feedback import LabelStore
-    from gateway.rollout.controller import RolloutController, RolloutError
+    from gateway.rollout.controller import RolloutError
     from gateway.rollout.status import model_status, render_text
     from gateway.routing.table import RouteError, parse_route
 
-    try:
-        settings = load_settings(args.config if args.config.exists() else None,
-                                 redis_url=args.redis_url)  # fmt: skip
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not settings.redis.url:
-        print("error: redis.url is empty; rollout state lives in Redis", file=sys.stderr)
+    settings = _redis_settings(args)
+    if settings is None:
         return 2
     routes_dir = args.routes_dir or settings.routing.routes_dir
 
     async def run() -> list[dict[str, Any]]:
         client = redis_client(settings)
         assert client is not None
-        fb, ro = settings.feedback, settings.rollout
-        c = RolloutController(
-            client,
-            LabelStore(client, fb.label_prefix, fb.label_ttl_s),
-            routes_dir=routes_dir,
-            policy=ro.policy,
-            record_dir=ro.record_dir,
-            stream_prefix=settings.predlog.stream_prefix,
-            dry_run=True,
-            key_prefix=ro.key_prefix,
-        )
+        c = _controller(client, settings, routes_dir, dry_run=True)
         files = sorted(routes_dir.glob("*.yaml"))
         models = [args.model] if args.model else [parse_route(p.read_bytes(), str(p)).name
                                                   for p in files]  # fmt: skip
