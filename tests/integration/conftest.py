@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from gateway.tritonserver import TritonServer, free_port
+from tests.conftest import unavailable
 
 
 @dataclass(frozen=True)
@@ -105,3 +108,59 @@ def gateway(
     wait_http_ok(f"{gw.url}/readyz", 60, gw.process, gw.log_file)
     yield gw
     stop_gateway(gw)
+
+
+class RedisServer:
+    """A redis-server of the test's own, with an fsync'd AOF so a kill loses nothing acked."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        poll(lambda: _pings(client), 10, "redis-server did not start")
+        client.close()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def poll(cond, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own on a free port (fsync'd AOF), killed at the end."""
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    if server.proc is not None:
+        server.kill()

@@ -8,38 +8,23 @@ from __future__ import annotations
 
 import collections
 import itertools
-import shutil
 import urllib.error
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from gateway.tritonserver import TritonServer
-from tests.conftest import unavailable
-from tests.integration.conftest import GatewayProcess, start_gateway, stop_gateway, wait_http_ok
-from tests.integration.test_predlog import (
+from tests.integration.conftest import (
+    GatewayProcess,
     RedisServer,
-    gateway_env,
-    poll,
-    predict,
-    stream_entries,
+    start_gateway,
+    stop_gateway,
+    wait_http_ok,
 )
+from tests.integration.test_predlog import gateway_env, poll, predict, stream_entries
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of the test's own (fsync'd AOF), as in test_predlog."""
-    if shutil.which("redis-server") is None:
-        unavailable("redis-server not installed (apt-get install redis-server)")
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    if server.proc is not None:
-        server.kill()
 
 
 def replica(

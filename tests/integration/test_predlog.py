@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
-import time
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,66 +17,16 @@ from gateway.metrics import Metrics
 from gateway.predlog.redis_stream import StreamWriter, decode_fields
 from gateway.predlog.spool import Spool, segment_id
 from gateway.predlog.writer import PredictionLog
-from gateway.tritonserver import TritonServer, free_port
-from tests.conftest import unavailable
-from tests.integration.conftest import GatewayProcess, start_gateway, stop_gateway
+from gateway.tritonserver import TritonServer
+from tests.integration.conftest import (
+    GatewayProcess,
+    RedisServer,
+    poll,
+    start_gateway,
+    stop_gateway,
+)
 
 RISK_FEATURES = 30
-
-
-class RedisServer:
-    """A redis-server of the test's own, with an fsync'd AOF so a kill loses nothing acked."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        poll(lambda: _pings(client), 10, "redis-server did not start")
-        client.close()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-        self.proc = None
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
-def poll(cond, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(what)
-        time.sleep(0.05)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        unavailable("redis-server not installed (apt-get install redis-server)")
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    if server.proc is not None:
-        server.kill()
 
 
 def predict(gw: GatewayProcess, rid: str, entity: str = "e-1", **extra) -> dict:
