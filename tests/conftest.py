@@ -122,9 +122,9 @@ def triton_factory(
         server.stop()
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """URL of a Redis database (db 15 by default) flushed before and after the test."""
+def reachable_redis() -> Any:
+    """A client of the test Redis (REDIS_URL) that answered a ping; the test skips (fails
+    under CI) when it does not."""
     import redis
 
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=5)
@@ -133,6 +133,26 @@ def redis_url() -> Iterator[str]:
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         client.close()
         unavailable(f"Redis unreachable at {REDIS_URL}: {exc}")
+    return client
+
+
+async def reachable_aioredis() -> Any:
+    """`reachable_redis` for asyncio tests (a redis.asyncio client)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        await client.ping()
+    except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+        await client.aclose()
+        unavailable(f"Redis unreachable at {REDIS_URL}: {exc}")
+    return client
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """URL of a Redis database (db 15 by default) flushed before and after the test."""
+    client = reachable_redis()
     client.flushdb()
     try:
         yield REDIS_URL

@@ -34,7 +34,7 @@ from gateway.predlog.feedback import LabelStore, join_labels
 from gateway.predlog.redis_stream import StreamWriter
 from gateway.rollout.analysis import gather_stats
 from gateway.stats import p99
-from tests.conftest import REDIS_URL, unavailable
+from tests.conftest import REDIS_URL, reachable_redis, unavailable
 from tests.terminal import redraws, run_on_terminal
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,12 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def prefix() -> Iterator[str]:
     """A unique key prefix on the test Redis; its keys are deleted afterwards."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=5)
-    try:
-        client.ping()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        client.close()
-        unavailable(f"Redis unreachable at {REDIS_URL}: {exc}")
+    client = reachable_redis()
     p = f"t-archive-{uuid.uuid4().hex[:10]}"
     try:
         yield p

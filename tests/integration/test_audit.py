@@ -37,7 +37,7 @@ from gateway.rollout.analysis import PromotionPolicy
 from gateway.rollout.controller import RolloutController
 from gateway.routing.table import policy_version
 from gateway.tritonserver import free_port
-from tests.conftest import REDIS_URL, unavailable
+from tests.conftest import REDIS_URL, reachable_redis
 from tests.integration.test_rollout import entry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,11 +56,7 @@ class Env:
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     monkeypatch.delenv("SWITCHYARD__AUDIT__ENABLED")  # tests/conftest.py turns it off elsewhere
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=5)
-    try:
-        client.ping()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        unavailable(f"Redis unreachable at {REDIS_URL}: {exc}")
+    client = reachable_redis()
     prefix = f"audit-test-{uuid.uuid4().hex[:12]}"
     routes = tmp_path / "routes"
     routes.mkdir()

@@ -27,19 +27,14 @@ from gateway.predlog.redis_stream import StreamWriter
 from gateway.predlog.spool import Spool
 from gateway.predlog.writer import PredictionLog
 from gateway.security.keys import KeyFile, KeyRecord, hash_key, new_key, write_key_file
-from tests.conftest import REDIS_URL, unavailable
+from tests.conftest import REDIS_URL, reachable_aioredis
 from tests.unit.fakes import toy_backend, write_repo
 
 
 @pytest.fixture
 async def redis_client() -> AsyncIterator[tuple[aioredis.Redis, str]]:
     """A client and a unique prefix; every key under the prefix is deleted afterwards."""
-    client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        await client.ping()
-    except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
-        await client.aclose()
-        unavailable(f"Redis unreachable at {REDIS_URL}: {exc}")
+    client = await reachable_aioredis()
     prefix = f"test-fb-{uuid.uuid4().hex[:12]}"
     yield client, prefix
     keys = [k async for k in client.scan_iter(match=f"{prefix}*")]

@@ -23,7 +23,7 @@ from gateway.security.authn import Principal
 from gateway.security.keys import KeyFile, KeyRecord, TenantLimit, hash_key, new_key, write_key_file
 from gateway.security.ratelimit import RateLimiter
 from gateway.tritonserver import free_port
-from tests.conftest import REDIS_URL, unavailable
+from tests.conftest import REDIS_URL, reachable_aioredis
 from tests.unit.fakes import toy_backend, write_repo
 
 SLOW = 0.2  # requests per second: one token every 5 s, so no refill during a test
@@ -31,12 +31,7 @@ SLOW = 0.2  # requests per second: one token every 5 s, so no refill during a te
 
 @pytest.fixture
 async def prefix() -> AsyncIterator[str]:
-    client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        await client.ping()
-    except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
-        await client.aclose()
-        unavailable(f"Redis unreachable at {REDIS_URL}: {exc}")
+    client = await reachable_aioredis()
     name = f"test-rl-{uuid.uuid4().hex[:12]}"
     yield name
     keys = [k async for k in client.scan_iter(match=f"{name}*")]

@@ -22,7 +22,7 @@ from gateway.cli import main
 from gateway.predlog.feedback import LabelStore
 from gateway.predlog.redis_stream import StreamWriter
 from gateway.rollout.report import COMBINED_SIZE, DPI, PANEL_SIZE, PANELS
-from tests.conftest import REDIS_URL, unavailable
+from tests.conftest import REDIS_URL, reachable_redis
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = 1_764_590_400.0
@@ -33,15 +33,7 @@ CHALLENGER = "challenger:risk@1"
 def redis_url() -> str:
     """The test Redis, not flushed: this test's keys carry a prefix of their own and are
     deleted by `prefixes`, so other tests' data in the same database is left alone."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        unavailable(f"Redis unreachable at {REDIS_URL}: {exc}")
-    finally:
-        client.close()
+    reachable_redis().close()
     return REDIS_URL
 
 

@@ -19,22 +19,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import redis
 
-from tests.conftest import REDIS_URL, unavailable
+from tests.conftest import REDIS_URL, reachable_redis, unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def redis_url() -> str:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        unavailable(f"Redis at {REDIS_URL} is not reachable: {exc}")
-    finally:
-        client.close()
+    reachable_redis().close()
     return REDIS_URL
 
 
