@@ -737,15 +737,16 @@ def export_artifact(b: Built, dest: Path) -> Path:
     return dest
 
 
-def train_risk_candidate(data: Dataset, c: float) -> Built:
+def train_risk_candidate(data: Dataset, c: float, version: int = 0) -> Built:
     """The risk recipe of v1 (standardize + logistic regression) with another C: how a new
-    version is trained for `models publish`. Its version number is assigned at publish."""
+    version is trained for `models publish`, which assigns its number (`version` only labels
+    the Built)."""
     hp = {"estimator": "LogisticRegression", "C": c, "max_iter": 5000, "solver": "lbfgs"}
     scaler = StandardScaler().fit(data.x_train)
     est = LogisticRegression(C=c, max_iter=5000, solver="lbfgs", random_state=SEED).fit(
         scaler.transform(data.x_train), data.y_train
     )
-    return _built_risk(0, data, hp, scaler, est, [est.coef_.T], [est.intercept_])
+    return _built_risk(version, data, hp, scaler, est, [est.coef_.T], [est.intercept_])
 
 
 def candidate(dest: Path, c: float) -> int:

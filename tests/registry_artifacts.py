@@ -43,19 +43,9 @@ def risk_built(c: float = 1.0, version: int = 3) -> Any:
 def _risk_built(c: float, version: int) -> Any:
     train = trainer()
     data = train.load("breast_cancer")
-    built = train.train_risk_v1(data)
     if c == 1.0:
-        return built
-    # the same recipe with another regularisation strength
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    hp = {"estimator": "LogisticRegression", "C": c, "max_iter": 5000, "solver": "lbfgs"}
-    scaler = StandardScaler().fit(data.x_train)
-    est = LogisticRegression(C=c, max_iter=5000, solver="lbfgs", random_state=train.SEED).fit(
-        scaler.transform(data.x_train), data.y_train
-    )
-    return train._built_risk(version, data, hp, scaler, est, [est.coef_.T], [est.intercept_])
+        return train.train_risk_v1(data)
+    return train.train_risk_candidate(data, c, version)  # the same recipe, another C
 
 
 def risk_artifact(dest: Path, c: float = 1.0) -> Path:
