@@ -41,7 +41,6 @@ import sys
 import tempfile
 import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +61,14 @@ class Step(Exception):
     """A walkthrough step did not do what the README says it does."""
 
 
+def _argv(cmd: tuple[str, ...]) -> list[str]:
+    """A command as the README writes it (`python ...`) run with this interpreter."""
+    return [sys.executable, *cmd[1:]] if cmd[0] == "python" else list(cmd)
+
+
 class Walk:
-    def __init__(self, env: dict[str, str], url: str, routes: Path, repo: Path) -> None:
-        self.env, self.url, self.routes, self.repo = env, url, routes, repo
+    def __init__(self, env: dict[str, str], url: str, routes: Path) -> None:
+        self.env, self.url, self.routes = env, url, routes
         self.background: list[subprocess.Popen[bytes]] = []
 
     def say(self, text: str) -> None:
@@ -74,9 +78,8 @@ class Walk:
         """Run one command as the README shows it; echo it and its output."""
         shown = " ".join(cmd)
         print(f"$ {shown}", flush=True)
-        argv = [sys.executable, *cmd[1:]] if cmd[0] == "python" else list(cmd)
         done = subprocess.run(
-            argv, cwd=ROOT, env=env or self.env, capture_output=True, text=True, timeout=300
+            _argv(cmd), cwd=ROOT, env=env or self.env, capture_output=True, text=True, timeout=300
         )
         out = (done.stdout + done.stderr).rstrip()
         if out:
@@ -89,9 +92,8 @@ class Walk:
 
     def start(self, *cmd: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         print(f"$ {' '.join(cmd)} &", flush=True)
-        argv = [sys.executable, *cmd[1:]] if cmd[0] == "python" else list(cmd)
         proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env or self.env, stdout=subprocess.DEVNULL, stderr=sys.stderr
+            _argv(cmd), cwd=ROOT, env=env or self.env, stdout=subprocess.DEVNULL, stderr=sys.stderr
         )
         self.background.append(proc)
         return proc
@@ -269,17 +271,16 @@ def main(argv: list[str] | None = None) -> int:
             stacks.append(own)
             url, triton_grpc, redis_keys = own.url, own.triton_grpc, own.prefix
             routes = Path(env["SWITCHYARD__ROUTING__ROUTES_DIR"])
-            repo = Path(env["SWITCHYARD__ROUTING__MODEL_REPOSITORY"])
         else:
             url, triton_grpc = args.gateway.rstrip("/"), args.triton_grpc
-            routes, repo = ROOT / "configs/routes", ROOT / "model_repository"
+            routes = ROOT / "configs/routes"
             if get_json(f"{url}/readyz") is None:
                 raise Step(f"no gateway at {url}: start `make run` first, or pass --start")
         prometheus = None
         if not args.no_prometheus and shutil.which("prometheus"):
             prom, prometheus = start_prometheus(work, urllib.parse.urlsplit(url).netloc)
             procs.append(prom)
-        walk = Walk(env, url, routes, repo)
+        walk = Walk(env, url, routes)
         try:
             v = lifecycle(walk, work, triton_grpc, args.png, args.rate)
             drift(walk, v, args.rate, prometheus)
