@@ -73,7 +73,7 @@ def render_weight(
     """`set_weight` without the write: the file and its new, validated content."""
     yaml = _yaml()
     path, doc = _find_route(routes_dir, model, yaml)
-    if weight > 0 and not _has_challenger(doc, version, target):
+    if weight > 0 and not _matching(doc, version, target):
         match = _add_challenger(path, doc, version, target)
     else:
         match = _challenger(path, doc, version, target)
@@ -123,11 +123,13 @@ def _yaml() -> Any:
     return yaml
 
 
-def _has_challenger(doc: Any, version: str, target: str | None) -> bool:
-    return any(
-        str(c.get("version")) == version and (target is None or str(c.get("target")) == target)
+def _matching(doc: Any, version: str, target: str | None) -> list[Any]:
+    """The challengers of `doc` with this version (and target, when given)."""
+    return [
+        c
         for c in doc.get("challengers") or []
-    )
+        if str(c.get("version")) == version and (target is None or str(c.get("target")) == target)
+    ]
 
 
 def _add_challenger(path: Path, doc: Any, version: str, target: str | None) -> Any:
@@ -163,12 +165,7 @@ def _add_challenger(path: Path, doc: Any, version: str, target: str | None) -> A
 def _challenger(path: Path, doc: Any, version: str, target: str | None) -> Any:
     from gateway.routing.table import RouteError
 
-    challengers = doc.get("challengers") or []
-    matches = [
-        c
-        for c in challengers
-        if str(c.get("version")) == version and (target is None or str(c.get("target")) == target)
-    ]
+    matches = _matching(doc, version, target)
     if not matches:
         champion = doc.get("champion") or {}
         hint = (
