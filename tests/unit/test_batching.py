@@ -1,6 +1,6 @@
-"""Request coalescing (gateway/batching.py): concurrent single-row calls to one target share
-one backend call once enough calls are in flight; answers, errors, cancellation and deadlines
-stay per request. Gated fake calls, no timing."""
+"""Request coalescing (gateway/batching.py): single rows to one target that arrive in one loop
+iteration share a backend call, and so do rows that wait while enough calls are in flight;
+answers, errors, cancellation and deadlines stay per request. Gated fake calls, no timing."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from gateway.app import SERVICE, build_app
 from gateway.backends.base import InferRequest, InferResponse
 from gateway.batching import BatchingPolicy, Coalescer
 from gateway.catalog import ModelSchema
-from gateway.clock import FakeClock
+from gateway.clock import FakeClock, monotonic
 from gateway.errors import BackendError, DeadlineExceeded
 from gateway.tensors import Tensor
 from gateway.types import Deadline
@@ -84,9 +84,9 @@ def answer(result: InferResponse) -> np.ndarray:
     return result.outputs["score"].data[0]
 
 
-async def test_low_load_calls_at_once_without_merging() -> None:
+async def test_without_the_tick_window_low_load_calls_go_at_once_unmerged() -> None:
     call = GatedCall()
-    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=2), call)
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=2, tick_window=False), call)
     a, b = start(co, 1), start(co, 2)
     await until(lambda: len(call.calls) == 2)  # both went out before any answer came back
     assert waiting(co) == 0
@@ -94,6 +94,79 @@ async def test_low_load_calls_at_once_without_merging() -> None:
     assert answer(await a) == pytest.approx(row(1)[0] * 2)
     assert answer(await b) == pytest.approx(row(2)[0] * 2)
     assert co.merged_calls == 0
+
+
+async def test_rows_that_arrive_in_one_iteration_share_one_call() -> None:
+    call = GatedCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=8), call)
+    tasks = [start(co, i) for i in (1, 2, 3)]  # all three reach the coalescer in one pass
+    await until(lambda: len(call.calls) == 1)
+    call.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert [len(c) for c in call.calls] == [3]
+    for i, result in zip((1, 2, 3), results, strict=True):
+        assert answer(result) == pytest.approx(row(i)[0] * 2)
+
+
+async def test_a_lone_row_goes_out_alone_and_does_not_wait_for_a_call_to_end() -> None:
+    call = GatedCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=8), call)
+    a = start(co, 1)
+    await until(lambda: len(call.calls) == 1)
+    b = start(co, 2)  # a later iteration, while the first call is still out: room, so it goes
+    await until(lambda: len(call.calls) == 2)
+    assert [len(c) for c in call.calls] == [1, 1]
+    call.gate.set()
+    assert answer(await a) == pytest.approx(row(1)[0] * 2)
+    assert answer(await b) == pytest.approx(row(2)[0] * 2)
+
+
+class CancellableCall(GatedCall):
+    """A GatedCall that records the calls that were cancelled while held at the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled = 0
+
+    async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
+        try:
+            return await super().infer(request, deadline)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+async def test_a_call_is_cancelled_once_every_member_is_gone() -> None:
+    call = CancellableCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=8), call)
+    a, b = start(co, 1), start(co, 2)
+    await until(lambda: len(call.calls) == 1)
+    a.cancel()
+    await until(lambda: a.done())
+    for _ in range(5):  # give a wrongly cancelled call the chance to show
+        await asyncio.sleep(0)
+    assert call.cancelled == 0  # b still waits for it
+    b.cancel()
+    await until(lambda: call.cancelled == 1)  # a disconnect frees the backend call
+    assert a.cancelled() and b.cancelled()
+    lone = start(co, 3)
+    await until(lambda: len(call.calls) == 2)
+    lone.cancel()
+    await until(lambda: call.cancelled == 2)  # a lone row's call goes with its caller
+
+
+async def test_a_member_out_of_time_leaves_its_call_to_its_own_deadline() -> None:
+    """A timed-out waiter must not cancel the call: the pool's own timeout of that call is what
+    counts a hung server against its breaker (tests/unit/test_core.py)."""
+    call = CancellableCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=8), call)
+    task = start(co, 1, Deadline.after(0.02, monotonic))  # its wait runs on the loop's clock
+    with pytest.raises(DeadlineExceeded):
+        await task
+    assert call.cancelled == 0 and len(call.calls) == 1
+    call.gate.set()
+    await until(lambda: not co._tasks)  # the call ended by itself
+    assert call.cancelled == 0
 
 
 async def test_waiting_rows_go_out_as_one_call_and_map_back() -> None:
@@ -250,6 +323,6 @@ async def test_service_merges_concurrent_predictions_and_answers_each(
         assert body["model_version"] == "2"
 
 
-def test_on_by_default_with_room_for_eight_calls() -> None:
+def test_on_by_default_with_the_tick_window_and_room_for_eight_calls() -> None:
     policy = BatchingPolicy()
-    assert policy.enabled and policy.max_in_flight_per_target == 8
+    assert policy.enabled and policy.tick_window and policy.max_in_flight_per_target == 8
