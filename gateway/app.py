@@ -217,6 +217,7 @@ def build_pool(
                 t.tls_server_name,
                 max_channel_age_s=t.max_channel_age_s,
                 tracing=tracing,
+                http_url=t.infer_http_url(spec),
             ),
             frozenset(spec.models),
             metrics_url=spec.metrics_url or default_metrics,

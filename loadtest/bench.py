@@ -612,6 +612,7 @@ def started_stack(
         env = {
             **os.environ,
             "SWITCHYARD__TRITON__GRPC_URL": triton.grpc_url,
+            "SWITCHYARD__TRITON__HTTP_URL": triton.http_url,
             "SWITCHYARD__PREDLOG__SPOOL_DIR": str(workdir / "spool"),
             "SWITCHYARD__PREDLOG__STREAM_PREFIX": prefix,
             "SWITCHYARD__LOG__LEVEL": log_level,

@@ -26,6 +26,7 @@ from opentelemetry.trace import SpanKind
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway import errors
+from gateway.backends.triton_http import HttpInfer
 from gateway.clock import Clock, monotonic
 from gateway.tensors import from_bytes, to_bytes
 from gateway.tracing import Tracing
@@ -154,6 +155,7 @@ class TritonBackend:
         max_channel_age_s: float = 0.0,
         clock: Clock = monotonic,
         tracing: Tracing | None = None,
+        http_url: str = "",
     ) -> None:
         self.name = name or url
         self.url = url
@@ -165,6 +167,12 @@ class TritonBackend:
         self._current = _Channel(url, clock(), tls, tls_server_name)
         self._closing: set[asyncio.Task[None]] = set()
         self.rotations = 0
+        #: Infer over Triton's HTTP endpoint instead (triton.infer_protocol: http).
+        self.http = (
+            HttpInfer(http_url, self.name, max_connection_age_s=max_channel_age_s, clock=clock)
+            if http_url
+            else None
+        )
 
     @property
     def _stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
@@ -191,6 +199,10 @@ class TritonBackend:
 
     async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
         timeout_s = deadline.check("backend call")
+        if self.http is not None:
+            if self.tracing is None:
+                return await self.http.infer(request, timeout_s)
+            return await self._traced_http_infer(self.http, request, timeout_s, self.tracing)
         msg = service_pb2.ModelInferRequest(
             model_name=request.model, model_version=request.version, id=request.request_id
         )
@@ -223,6 +235,15 @@ class TritonBackend:
             for o, raw in zip(reply.outputs, reply.raw_output_contents, strict=True)
         }
         return InferResponse(reply.model_name, reply.model_version, outputs, reply.id)
+
+    async def _traced_http_infer(
+        self, http: HttpInfer, request: InferRequest, timeout_s: float, tracing: Tracing
+    ) -> InferResponse:
+        """The HTTP twin of ``_traced_infer``: the context rides as a ``traceparent`` header."""
+        attrs = {"model": request.model, "version": request.version or None,
+                 "server": self.name, "rpc.system": "http"}  # fmt: skip
+        with tracing.span("triton ModelInfer", attrs, kind=SpanKind.CLIENT):
+            return await http.infer(request, timeout_s, tracing.outgoing())
 
     async def _traced_infer(
         self, ch: _Channel, msg: Any, timeout_s: float, tracing: Tracing
@@ -297,4 +318,6 @@ class TritonBackend:
             await self._stub.RepositoryModelUnload(req, timeout=timeout_s)
 
     async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
         await asyncio.gather(self._current.channel.close(), *self._closing)

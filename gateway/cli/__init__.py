@@ -200,8 +200,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             _print_triton(fallback)
             models = settings.triton.fallback_models
             servers = (
-                ServerSpec("primary", server.grpc_url),
-                ServerSpec("fallback", fallback.grpc_url, models=models),
+                ServerSpec("primary", server.grpc_url, http_url=server.http_url),
+                ServerSpec(
+                    "fallback", fallback.grpc_url, models=models, http_url=fallback.http_url
+                ),
             )
         settings = dataclasses.replace(
             settings,

@@ -110,6 +110,20 @@ def gateway(
     stop_gateway(gw)
 
 
+@pytest.fixture(scope="session")
+def gateway_http_infer(
+    triton: TritonServer, repo_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """The session gateway's twin, inferring over Triton's HTTP endpoint
+    (``triton.infer_protocol: http``)."""
+    env = {"SWITCHYARD__TRITON__INFER_PROTOCOL": "http",
+           "SWITCHYARD__TRITON__HTTP_URL": triton.http_url}  # fmt: skip
+    gw = start_gateway(repo_root, tmp_path_factory.mktemp("gateway-http"), triton.grpc_url, env)
+    wait_http_ok(f"{gw.url}/readyz", 60, gw.process, gw.log_file)
+    yield gw
+    stop_gateway(gw)
+
+
 class RedisServer:
     """A redis-server of the test's own, with an fsync'd AOF so a kill loses nothing acked."""
 

@@ -27,13 +27,14 @@ OUTPUTS = {
 PROTOCOLS = {"grpc": grpcclient, "http": httpclient}
 
 
-@pytest.fixture(params=["grpc", "http"])
-def clients(
-    request, gateway: GatewayProcess, triton: TritonServer
-) -> Iterator[tuple[Any, Any, Any]]:
-    """(module, client to the gateway, client to Triton) for one protocol."""
-    module = PROTOCOLS[request.param]
-    if request.param == "grpc":
+@pytest.fixture(params=["grpc", "http", "grpc+http_infer", "http+http_infer"])
+def clients(request, triton: TritonServer) -> Iterator[tuple[Any, Any, Any]]:
+    """(module, client to the gateway, client to Triton) for one client protocol; with
+    "+http_infer", through a gateway that infers over Triton's HTTP endpoint."""
+    protocol, _, infer = request.param.partition("+")
+    gateway = request.getfixturevalue("gateway_http_infer" if infer else "gateway")
+    module = PROTOCOLS[protocol]
+    if protocol == "grpc":
         urls = (gateway.grpc_url, triton.grpc_url)
     else:
         urls = (gateway.url.removeprefix("http://"), triton.http_url.removeprefix("http://"))
