@@ -422,9 +422,10 @@ def _start_gateway(
     first = next(iter(servers.values()))
     # One pool entry per distinct tritonserver, each asked only for the models it serves.
     pool: dict[str, list[str]] = {}
+    http_of = {server.grpc_url: server.http_url for server in servers.values()}
     for model, server in servers.items():
         pool.setdefault(server.grpc_url, []).append(model)
-    spec = [{"name": f"t{i}", "grpc_url": url, "models": models}
+    spec = [{"name": f"t{i}", "grpc_url": url, "http_url": http_of[url], "models": models}
             for i, (url, models) in enumerate(pool.items())]  # fmt: skip
     env = {
         **os.environ,

@@ -268,6 +268,8 @@ class TritonBackend:
     async def server_ready(self, timeout_s: float) -> bool:
         with map_grpc_errors(self.name):
             r = await self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout_s)
+        if r.ready and self.http is not None:  # infer goes there: it must answer too
+            return await self.http.ready(timeout_s)
         return bool(r.ready)
 
     async def model_ready(self, model: str, version: str, timeout_s: float) -> bool:

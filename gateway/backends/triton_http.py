@@ -218,6 +218,27 @@ class HttpInfer:
         self._release(conn)
         return resp
 
+    async def ready(self, timeout_s: float) -> bool:
+        """Triton's ``/v2/health/ready`` on this endpoint: the pool's health probe asks it too,
+        so a wrong ``http_url`` makes the member unready instead of failing every call."""
+        conn: _Connection | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                conn = await self._acquire()
+                answer = await conn.send(
+                    b"GET /v2/health/ready HTTP/1.1\r\nHost: triton\r\nContent-Length: 0\r\n\r\n"
+                )
+        except (TimeoutError, errors.SwitchyardError):
+            if conn is not None:
+                conn.close()
+            return False
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        self._release(conn)
+        return answer.status == 200
+
     @staticmethod
     def _encode(
         request: InferRequest, timeout_s: float, headers: Sequence[tuple[str, str]]

@@ -35,7 +35,12 @@ def slot(a: Assignment) -> str:
 def gateway_servers(plan: Plan) -> list[dict[str, Any]]:
     """`triton.servers` for the gateway: one server per slot, asked only for its model."""
     return [
-        {"name": slot(a), "grpc_url": f"triton-{slot(a)}:8001", "models": [a.model]}
+        {
+            "name": slot(a),
+            "grpc_url": f"triton-{slot(a)}:8001",
+            "http_url": f"http://triton-{slot(a)}:8000",
+            "models": [a.model],
+        }
         for a in plan.assignments()
     ]
 

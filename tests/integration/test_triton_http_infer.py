@@ -96,6 +96,19 @@ async def test_out_of_time_and_cancelled_calls_drop_their_connection(
         await backend.close()
 
 
+async def test_the_health_probe_asks_the_http_endpoint_too(
+    triton: TritonServer, free_port: int
+) -> None:
+    good = TritonBackend(triton.grpc_url, "t", http_url=triton.http_url)
+    wrong = TritonBackend(triton.grpc_url, "t", http_url=f"http://127.0.0.1:{free_port}")
+    try:
+        assert await good.server_ready(2.0)
+        assert not await wrong.server_ready(2.0)  # gRPC is ready; where infer goes is not
+    finally:
+        await good.close()
+        await wrong.close()
+
+
 async def test_a_restarted_triton_is_reached_again_and_a_stopped_one_is_unavailable(
     triton_factory, repo_root: Path
 ) -> None:

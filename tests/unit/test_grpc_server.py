@@ -182,8 +182,9 @@ async def test_grpc_deadline_is_the_request_deadline(client, app, monkeypatch) -
     await client.infer("toy", [features()], client_timeout=20)
     await client.infer("toy", [features()])  # no gRPC deadline: the default (1 s)
     # upper bounds decide it (20 s given, the 1 s default otherwise); the lower ones only say
-    # time was left, with slack for a loaded CI machine
-    assert 10 < left[0] <= 20 and 0 < left[1] <= 1.0, left
+    # time was left, with slack for a loaded CI machine. grpc computes time_remaining from
+    # its cached clock, which can lag the client's by a tick: 20.099 s was seen for 20 s.
+    assert 10 < left[0] <= 20.5 and 0 < left[1] <= 1.0, left
 
 
 async def test_passed_grpc_deadline_is_deadline_exceeded(client, backend) -> None:

@@ -290,7 +290,9 @@ def test_gateway_env_parses_into_settings_that_name_real_services(rendered, over
         host, _, port = spec.grpc_url.rpartition(":")
         svc = service_port(objs, host, int(port))
         assert svc["spec"].get("clusterIP") == "None", f"{host}: headless, one address per pod"
-    for url in (s.triton.http_url, s.triton.metrics_url, s.redis.url):
+    members_http = [spec.http_url for spec in s.triton.server_specs()]
+    assert all(members_http), "each member infers over HTTP (triton.infer_protocol: http)"
+    for url in (s.triton.http_url, *members_http, s.triton.metrics_url, s.redis.url):
         m = re.fullmatch(r"\w+://(?::([^@]*)@)?([\w.-]+):(\d+)(/.*)?", url)
         assert m, url
         service_port(objs, m.group(2), int(m.group(3)))
