@@ -28,9 +28,11 @@ def predict(url: str, i: int) -> dict[str, Any]:
 
 
 def successes(server: TritonServer) -> int:
+    """Rows this server has answered for risk. Rows, not requests: the gateway merges
+    concurrent rows into one call (gateway/batching.py), which Triton counts once."""
     with urllib.request.urlopen(f"{server.http_url}/v2/models/risk/stats", timeout=5) as r:
         stats = json.loads(r.read())
-    return sum(s["inference_stats"]["success"]["count"] for s in stats["model_stats"])
+    return sum(int(s["inference_count"]) for s in stats["model_stats"])
 
 
 def servers_state(url: str) -> dict[str, Any]:
