@@ -12,7 +12,9 @@ body the benchmark sends, and ``POST /v1/predict`` the same way):
 - ``bare``: parse the JSON body with orjson and return a fixed answer: aiohttp + uvloop alone;
 - ``grpc``: parse it, build a ``ModelInferRequest`` and make one ``grpc.aio`` call to Triton
   per request, answer its first output: the transport's floor without merging;
-- ``tick``: the same, but rows that arrive in one event-loop iteration go out as one call.
+- ``tick``: the same, but rows that arrive in one event-loop iteration go out as one call;
+- ``http``, ``http-tick``: the same two over the gateway's HTTP transport to Triton
+  (gateway/backends/triton_http.py) instead of grpc.aio.
 
 No route, no validation of the schema beyond what numpy does, no log, no metrics: a floor
 to measure the gateway against (docs/benchmarks.md), not something to serve with.
@@ -30,6 +32,10 @@ import orjson
 import uvloop
 from aiohttp import web
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from gateway.backends.triton_http import HttpInfer
+from gateway.tensors import Tensor
+from gateway.types import InferRequest
 
 _CANNED = orjson.dumps({"model_name": "risk", "model_version": "2", "outputs": [
     {"name": "score", "datatype": "FP32", "shape": [1, 1], "data": [0.5]}]})  # fmt: skip
@@ -64,80 +70,17 @@ class Triton:
         return np.frombuffer(reply.raw_output_contents[0], dtype=np.float32)
 
 
-class _HttpConn(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection, one request at a time (Content-Length framing)."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.need = -1
-        self.header_len = 0
-        self.waiter: asyncio.Future[tuple[int, int, bytes]] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if self.need < 0:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(self.buf[:end]).lower()
-            self.status = int(head[9:12])
-            length = int(head.split(b"\r\ncontent-length:", 1)[1].split(b"\r\n", 1)[0])
-            mark = head.find(b"\r\ninference-header-content-length:")
-            self.header_len = int(head[mark + 34 :].split(b"\r\n", 1)[0]) if mark >= 0 else length
-            del self.buf[: end + 4]
-            self.need = length
-        if len(self.buf) >= self.need and self.waiter is not None:
-            body, self.buf, self.need = bytes(self.buf[: self.need]), bytearray(), -1
-            self.waiter.set_result((self.status, self.header_len, body))
-            self.waiter = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(exc or ConnectionError("closed"))
-
-
 class TritonHttp:
-    """Triton's HTTP/REST infer with the binary tensor extension, over a pool of raw
-    keep-alive connections: no client library, the least a Python HTTP client can cost."""
+    """The gateway's own HTTP transport (gateway/backends/triton_http.py), with nothing of
+    the gateway around it."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.idle: list[_HttpConn] = []
+    def __init__(self, url: str) -> None:
+        self.http = HttpInfer(url, "floor")
 
     async def call(self, model: str, version: str, rows: np.ndarray) -> np.ndarray:
-        raw = rows.tobytes()
-        header = orjson.dumps({"inputs": [{"name": "features", "shape": list(rows.shape),
-            "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}],
-            "outputs": [{"name": "score", "parameters": {"binary_data": True}}]})  # fmt: skip
-        conn = self.idle.pop() if self.idle else None
-        if conn is None:
-            _, conn = await asyncio.get_running_loop().create_connection(
-                _HttpConn, self.host, self.port
-            )
-        assert conn.transport is not None
-        conn.waiter = asyncio.get_running_loop().create_future()
-        conn.transport.write(
-            b"POST /v2/models/%s/versions/%s/infer HTTP/1.1\r\nHost: triton\r\n"
-            b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: %d"
-            b"\r\nContent-Length: %d\r\n\r\n%s%s"
-            % (
-                model.encode(),
-                version.encode(),
-                len(header),
-                len(header) + len(raw),
-                header,
-                raw,
-            )
-        )
-        status, header_len, body = await conn.waiter
-        self.idle.append(conn)
-        if status != 200:
-            raise RuntimeError(body[:200].decode(errors="replace"))
-        return np.frombuffer(body, dtype=np.float32, offset=header_len)
+        request = InferRequest(model, version, (Tensor("features", "FP32", rows),), ("score",))
+        resp = await self.http.infer(request, 5.0)
+        return resp.outputs["score"].data.ravel()
 
 
 class TickMerger:
@@ -171,17 +114,19 @@ class TickMerger:
             f.set_result(scores[i : i + 1])
 
 
-def build(mode: str, triton_grpc: str, triton_http: str = "127.0.0.1:8000") -> web.Application:
+def build(
+    mode: str, triton_grpc: str, triton_http: str = "http://127.0.0.1:8000"
+) -> web.Application:
     app = web.Application()
     backend: Triton | TritonHttp | TickMerger | None = None
 
     async def channel(app: web.Application) -> AsyncIterator[None]:
         nonlocal backend  # grpc.aio binds its channel to the loop it is built on
         if mode.startswith("http"):
-            host, _, port = triton_http.rpartition(":")
-            http = TritonHttp(host, int(port))
+            http = TritonHttp(triton_http)
             backend = TickMerger(http) if mode == "http-tick" else http
             yield
+            await http.http.close()
             return
         triton = Triton(triton_grpc)
         backend = TickMerger(triton) if mode == "tick" else triton
@@ -212,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = ("bare", "grpc", "tick", "http", "http-tick")
     p.add_argument("--mode", choices=modes, default="bare")
     p.add_argument("--triton-grpc", default="127.0.0.1:8001", help="host:port (grpc, tick)")
-    p.add_argument("--triton-http", default="127.0.0.1:8000", help="host:port (http modes)")
+    p.add_argument("--triton-http", default="http://127.0.0.1:8000", help="URL (http modes)")
     args = p.parse_args(argv)
     app = build(args.mode, args.triton_grpc, args.triton_http)
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None,
