@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from opentelemetry.trace import SpanKind
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway import errors
+from gateway.backends.triton_errors import classify
 from gateway.backends.triton_http import HttpInfer
 from gateway.clock import Clock, monotonic
 from gateway.tensors import from_bytes, to_bytes
@@ -50,21 +50,7 @@ def map_grpc_errors(server: str, model: str = "") -> Iterator[None]:
     except grpc.aio.AioRpcError as exc:
         code, detail = exc.code(), exc.details() or ""
         where = {"server": server, "model": model} if model else {"server": server}
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise errors.DeadlineExceeded("backend call ran out of time", details=where) from exc
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-            raise errors.BackendUnavailable(
-                f"backend unavailable: {detail}", details=where
-            ) from exc
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            raise errors.BackendOverloaded(f"backend overloaded: {detail}", details=where) from exc
-        if code == grpc.StatusCode.NOT_FOUND or "unknown model" in detail:
-            raise errors.ModelNotFound(detail, details=where) from exc
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            if "not found" in detail and "version" in detail:
-                raise errors.VersionNotFound(detail, details=where) from exc
-            raise errors.ClientError(detail, code="invalid_tensor", details=where) from exc
-        raise errors.BackendError(f"backend error ({code.name}): {detail}", details=where) from exc
+        raise classify(code, detail, where) from exc
 
 
 def proto_to_json(msg: Message) -> dict[str, Any]:

@@ -16,7 +16,7 @@ One request per connection at a time (no pipelining: an answer never waits behin
 a pool of idle connections, each renewed after ``max_connection_age_s`` like the gRPC channel
 (triton#6177). A call that runs out of time or is cancelled closes its connection, since the
 answer that may still come would otherwise be read as the next call's. Errors map onto the
-same classes as the gRPC path: Triton's HTTP status follows its gRPC status one to one.
+same classes as the gRPC path (gateway/backends/triton_errors.py).
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+import grpc
 import orjson
 
 from gateway import errors
+from gateway.backends.triton_errors import HTTP_STATUS_CODES, classify
 from gateway.clock import Clock, monotonic
 from gateway.tensors import from_bytes, to_bytes
 from gateway.types import InferRequest, InferResponse
@@ -186,7 +188,6 @@ class HttpInfer:
         headers: Sequence[tuple[str, str]] = (),
     ) -> InferResponse:
         data = self._encode(request, timeout_s, headers)
-        where = {"server": self.name, "model": request.model}
         conn: _Connection | None = None
         try:
             async with asyncio.timeout(timeout_s):
@@ -203,21 +204,29 @@ class HttpInfer:
         except TimeoutError:
             if conn is not None:
                 conn.close()  # its answer may still come: never read it as the next one's
-            raise errors.DeadlineExceeded("backend call ran out of time", details=where) from None
+            raise errors.DeadlineExceeded(
+                "backend call ran out of time", details=self._where(request)
+            ) from None
         except BaseException:  # cancelled, or the connection failed: it cannot be reused
             if conn is not None:
                 conn.close()
             raise
         if answer.status != 200:  # a whole answer: the connection serves the next call
             self._release(conn)
-            raise _error(answer.status, _message(answer.body), where)
+            raise _error(answer.status, _message(answer.body), self._where(request))
         try:
-            resp = _decode(answer, request, where)
-        except errors.BackendError:
+            resp = _decode(answer, request)
+        except (ValueError, KeyError, TypeError, errors.ClientError) as exc:
             conn.close()  # an answer in doubt: so is what comes after it on this connection
-            raise
+            raise errors.BackendError(
+                f"backend answer unreadable: {exc}", details=self._where(request)
+            ) from exc
         self._release(conn)
         return resp
+
+    def _where(self, request: InferRequest) -> dict[str, str]:
+        """An error's details (built only for an error: the hot path needs none)."""
+        return {"server": self.name, "model": request.model}
 
     async def ready(self, timeout_s: float) -> bool:
         """Triton's ``/v2/health/ready`` on this endpoint: the pool's health probe asks it too,
@@ -280,21 +289,19 @@ class HttpInfer:
             self._idle.pop().close()
 
 
-def _decode(answer: _Answer, request: InferRequest, where: dict[str, str]) -> InferResponse:
+def _decode(answer: _Answer, request: InferRequest) -> InferResponse:
+    """A 200 answer's outputs (raises ValueError, KeyError or TypeError when it is not one)."""
     body = memoryview(answer.body)
-    try:
-        head = orjson.loads(body[: answer.header_length])
-        offset = answer.header_length
-        outputs = {}
-        for o in head.get("outputs", ()):
-            size = o.get("parameters", {}).get("binary_data_size")
-            if size is None:
-                raise ValueError(f"output {o.get('name')!r} came without binary data")
-            raw = body[offset : offset + size]
-            offset += size
-            outputs[o["name"]] = from_bytes(o["name"], o["datatype"], list(o["shape"]), raw)
-    except (ValueError, KeyError, TypeError, errors.ClientError) as exc:
-        raise errors.BackendError(f"backend answer unreadable: {exc}", details=where) from exc
+    head = orjson.loads(body[: answer.header_length])
+    offset = answer.header_length
+    outputs = {}
+    for o in head.get("outputs", ()):
+        size = o.get("parameters", {}).get("binary_data_size")
+        if size is None:
+            raise ValueError(f"output {o.get('name')!r} came without binary data")
+        raw = body[offset : offset + size]
+        offset += size
+        outputs[o["name"]] = from_bytes(o["name"], o["datatype"], list(o["shape"]), raw)
     return InferResponse(
         head.get("model_name", request.model),
         str(head.get("model_version", request.version)),
@@ -311,18 +318,6 @@ def _message(body: bytes) -> str:
 
 
 def _error(status: int, detail: str, where: dict[str, str]) -> errors.SwitchyardError:
-    """Triton's HTTP status of an error is its gRPC status's twin: map as the gRPC path does
-    (gateway/backends/triton.py, ``map_grpc_errors``)."""
-    if status == 404 or "unknown model" in detail:
-        return errors.ModelNotFound(detail, details=where)
-    if status == 400:
-        if "not found" in detail and "version" in detail:
-            return errors.VersionNotFound(detail, details=where)
-        return errors.ClientError(detail, code="invalid_tensor", details=where)
-    if status == 429:
-        return errors.BackendOverloaded(f"backend overloaded: {detail}", details=where)
-    if status in (502, 503):
-        return errors.BackendUnavailable(f"backend unavailable: {detail}", details=where)
-    if status == 504:
-        return errors.DeadlineExceeded("backend call ran out of time", details=where)
-    return errors.BackendError(f"backend error (HTTP {status}): {detail}", details=where)
+    """Triton's HTTP status of an error is its gRPC status's twin: classified as on gRPC."""
+    code = HTTP_STATUS_CODES.get(status, grpc.StatusCode.UNKNOWN)
+    return classify(code, detail, where, label=f"HTTP {status}")
