@@ -1,11 +1,11 @@
 """Triton's HTTP/REST infer with the binary tensor extension: a cheaper transport for the hot
 path (``triton.infer_protocol: http``). Control-plane calls stay on gRPC.
 
-Why: a grpc.aio call costs its caller ~0.11 ms of CPU, most of it C-core's poller thread
-handing the completion to the event loop; at low load, when no rows merge, that is half of
-what a whole request costs. The same call over this module, one HTTP/1.1 request on a
-kept-alive connection, costs ~0.07 ms (``loadtest/floor.py``; docs/benchmarks.md, "The
-framework's floor").
+Why: a gRPC call through ``TritonBackend`` costs its caller ~0.14 ms of CPU, most of it
+C-core's poller thread handing the completion to the event loop; at low load, when no rows
+merge, that is half of what a whole request costs. The same call over this module, one
+HTTP/1.1 request on a kept-alive connection, costs ~0.06 ms (``loadtest/floor.py``;
+docs/benchmarks.md, "The framework's floor").
 
 The wire format (Triton's binary tensor data extension): a JSON header, then each tensor's
 raw bytes; the header's length rides in ``Inference-Header-Content-Length``, each tensor's in
