@@ -122,6 +122,7 @@ class Coalescer:
             finally:
                 lane.in_flight -= 1
                 self._drain(lane)
+        left = deadline.check("backend call")  # out of time: it never joins the lane
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[InferResponse, int]] = loop.create_future()
         waiter = _Waiter(request, deadline, future, contextvars.copy_context())
@@ -129,20 +130,20 @@ class Coalescer:
         if room and not lane.tick_pending:  # full lanes are drained by their calls' ends
             lane.tick_pending = True
             loop.call_soon(self._tick, lane)
-        left = deadline.check("backend call")
+        # One timer handle, not asyncio.timeout(): that is a context manager, a Timeout and a
+        # reschedule per request, ~2 % of a prediction's CPU (docs/benchmarks.md, round 3).
+        timer = loop.call_later(left, _expire, future)
         try:
-            async with asyncio.timeout(left):
-                resp, offset = await future
-        except TimeoutError:
-            # Not abandoned: the call runs to its own deadline (the latest member's), where a
-            # hung server's timeout is counted against it (breaker) instead of cancelled away.
-            raise DeadlineExceeded(
-                "deadline exceeded waiting for a merged backend call",
-                details={"step": "backend call"},
-            ) from None
+            resp, offset = await future
         except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                future.exception()  # expired as we were cancelled: retrieved, not reported
             self._abandon(waiter)
             raise
+        finally:
+            timer.cancel()
+        if offset < 0:  # the call carried this request alone: its response as it came
+            return resp
         return _rows_of(resp, offset, len(t.data), request.request_id)
 
     def _tick(self, lane: _Lane) -> None:
@@ -213,6 +214,10 @@ class Coalescer:
                     if not m.future.done():
                         m.future.set_exception(exc)
                 return
+            if len(members) == 1:
+                if not members[0].future.done():
+                    members[0].future.set_result((resp, _WHOLE))
+                return
             offset = 0
             for m in members:
                 if not m.future.done():
@@ -228,6 +233,20 @@ class Coalescer:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+#: The offset a lone member gets: the whole response is its own.
+_WHOLE = -1
+
+
+def _expire(future: asyncio.Future[tuple[InferResponse, int]]) -> None:
+    """A member's own deadline passed before its call answered. Not abandoned: the call runs
+    to its own deadline (the latest member's), where a hung server's timeout is counted
+    against it (breaker) instead of cancelled away."""
+    if not future.done():
+        future.set_exception(DeadlineExceeded(
+            "deadline exceeded waiting for a merged backend call",
+            details={"step": "backend call"}))  # fmt: skip
 
 
 def _rows_of(resp: InferResponse, offset: int, n: int, request_id: str) -> InferResponse:

@@ -606,8 +606,7 @@ def _scalar(t: Any) -> Any:
     """The first value of a scalar output (the log's summary of a tensor answer)."""
     if t is None or t.data.size == 0:
         return None
-    v = t.data.ravel()[0]
+    v = t.data.item(0)  # a Python scalar (the object itself for BYTES), no view made
     if isinstance(v, bytes):
         return v.decode(errors="replace")
-    v = v.item() if hasattr(v, "item") else v
     return v if not isinstance(v, float) or math.isfinite(v) else None

@@ -340,7 +340,7 @@ def planned_phases(args: argparse.Namespace, names: Sequence[str]) -> int:
         rates = 1
     else:
         rates = (args.reference in saturated) + any(n in saturated for n in GATEWAY_PATHS)
-    return len(names) * (1 + args.repeat + rates)
+    return len(names) * (1 + args.repeat + rates * max(1, args.repeat))
 
 
 def benchmark(
@@ -396,12 +396,16 @@ def benchmark(
                 rates.append(("1/2 gateway sat", args.rate_fraction * min(gw)))
         rng = random.Random(args.seed)
         for label, rate in rates:
-            schedule = tuple(open_loop_schedule(rate, args.duration, rng))
-            for name in names:
-                job = Job(eps[name], args.duration, schedule=schedule)
-                s, cpu = phase(job, "open")
-                rows.append(Row(name, f"open {label}", rate, s, cpu))
-                report(rows[-1])
+            # Round-robin like the closed phases: a p99 over one 10 s phase swings by several
+            # ms with the machine's background, so open-loop latencies are compared per run.
+            for rep in range(max(1, args.repeat)):
+                schedule = tuple(open_loop_schedule(rate, args.duration, rng))
+                mode = f"open {label}" + (f" #{rep + 1}" if args.repeat > 1 else "")
+                for name in names:
+                    job = Job(eps[name], args.duration, schedule=schedule)
+                    s, cpu = phase(job, "open")
+                    rows.append(Row(name, mode, rate, s, cpu))
+                    report(rows[-1])
     return rows
 
 
@@ -685,7 +689,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, help="open-loop rate; default: fractions of saturation")
     p.add_argument("--rate-fraction", type=float, default=0.5)
     p.add_argument("--closed-only", action="store_true", help="saturation phases only")
-    p.add_argument("--repeat", type=int, default=1, help="saturation phases, round-robin")
+    p.add_argument("--repeat", type=int, default=1, help="saturation and open-loop phases, "
+                   "round-robin (0: no saturation phase, the open loop once)")  # fmt: skip
     p.add_argument("--reference", default="triton-http", help="direct target whose saturation "
                    "sets the open-loop rate")  # fmt: skip
     p.add_argument("--seed", type=int, default=1)

@@ -107,6 +107,10 @@ class DriftTracker:
         self, model: str, version: str, rows: np.ndarray, scores: np.ndarray | None
     ) -> None:
         """A batch (a /v2 tensor): each row is sampled on its own."""
+        if len(rows) == 1:  # one row (most /v2 calls): one draw first, like observe()
+            score = None if scores is None or len(scores) != 1 else float(scores[0])
+            self.observe(model, version, rows[0], score)
+            return
         live = self._get(model, version)
         if live is None or len(rows) == 0:
             return

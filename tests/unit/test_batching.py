@@ -279,6 +279,38 @@ async def test_a_waiter_out_of_time_fails_alone() -> None:
     assert answer(await ok) == pytest.approx(row(2)[0] * 2)
 
 
+async def test_a_row_out_of_time_never_joins_a_lane() -> None:
+    """It fails at once; before, it joined the lane, failed, and was still sent to Triton."""
+    call = GatedCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=8), call)
+    late = start(co, 1, Deadline.after(0.0, FakeClock()))
+    ok = start(co, 2)
+    with pytest.raises(DeadlineExceeded):
+        await late
+    await until(lambda: len(call.calls) == 1)
+    call.gate.set()
+    assert answer(await ok) == pytest.approx(row(2)[0] * 2)
+    assert [len(c) for c in call.calls] == [1]  # only the row with time left went out
+
+
+async def test_a_lone_rows_response_is_passed_on_as_it_came() -> None:
+    """A call that carried one request needs no per-member slicing: no copy of its outputs."""
+    call = GatedCall()
+    call.gate.set()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=8), call)
+    seen: list[InferResponse] = []
+    real = call.infer
+
+    async def spy(request: InferRequest, d: Deadline) -> InferResponse:
+        seen.append(await real(request, d))
+        return seen[-1]
+
+    call.infer = spy  # type: ignore[method-assign]
+    result = await start(co, 3)
+    assert result is seen[0]
+    assert answer(result) == pytest.approx(row(3)[0] * 2)
+
+
 class GatedBackend(FakeBackend):
     """The toy FakeBackend, holding every call until the gate opens."""
 

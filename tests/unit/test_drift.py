@@ -99,6 +99,29 @@ def test_sampling_counts_about_the_configured_share() -> None:
     assert 850 < r.rows < 1150
 
 
+def test_one_row_tensors_are_sampled_like_single_predictions() -> None:
+    """/v2 sends one row per tensor: one draw each, and its score, as observe() keeps them."""
+    rows = live(4000)
+    scores = 1 / (1 + np.exp(-rows.sum(axis=1)))
+    by_rows, by_one = tracker(FakeClock(), rate=0.25), tracker(FakeClock(), rate=0.25)
+    draws = 0
+    rand = by_rows.rand
+
+    def counted() -> float:
+        nonlocal draws
+        draws += 1
+        return rand()
+
+    by_rows.rand = counted
+    for r, s in zip(rows, scores, strict=True):
+        by_rows.observe_rows("toy", "2", r[np.newaxis], np.array([s], dtype=np.float32))
+        by_one.observe("toy", "2", r, float(np.float32(s)))
+    assert draws == len(rows)
+    (a,), (b,) = by_rows.snapshot(), by_one.snapshot()
+    assert 850 < a.rows < 1150 and a.rows == b.rows  # the same rows kept, same seed
+    assert a.features == b.features and a.score == b.score
+
+
 def test_a_version_without_histograms_is_not_tracked() -> None:
     calls = []
 

@@ -188,6 +188,22 @@ def test_bench_counts_the_phases_it_runs(flags: list[str], monkeypatch) -> None:
     assert counted == sorted(counted) and max(counted) == n
 
 
+def test_bench_repeats_open_loop_phases_round_robin_too(monkeypatch) -> None:
+    """A 10 s phase's p99 swings with the machine: open-loop phases repeat A B A B as well."""
+    from loadtest import bench
+
+    ctx = argparse.Namespace(Pool=_FakePool)
+    monkeypatch.setattr(bench.multiprocessing, "get_context", lambda method: ctx)
+    flags = ["--targets", "triton-http,gateway-v2", "--rate", "50", "--repeat", "2"]
+    args = bench.parse_args(flags)
+    eps = bench.endpoints("http://gw", "http://triton", None)
+    rows = bench.benchmark(args, eps, {}, Progress(Mode.OFF, io.StringIO()))
+    assert [(r.target, r.mode) for r in rows if r.mode.startswith("open")] == [
+        ("triton-http", "open given #1"), ("gateway-v2", "open given #1"),
+        ("triton-http", "open given #2"), ("gateway-v2", "open given #2"),
+    ]  # fmt: skip
+
+
 # -- loadtest.gpu_bench: configuration i of n (its cases need a GPU; run_case is faked) ----
 def test_gpu_bench_counts_configurations_skipped_ones_included(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
