@@ -57,9 +57,12 @@ class InferLayer(Protocol):
 @dataclass(frozen=True)
 class BatchingPolicy:
     enabled: bool = True
-    #: Calls per (model, version) in flight before new rows wait to be merged (8 measured
-    #: best: 4 added ~0.8 ms p50 at 400/s, 8 none; docs/benchmarks.md).
-    max_in_flight_per_target: int = 8
+    #: Calls per (model, version) in flight before new rows wait to be merged: a bound for
+    #: overload, out of reach at moderate load. 8 was measured best before the tick window;
+    #: with it, 8 bound at half load (Triton's 5 ms batching delay keeps ~7 one-row calls in
+    #: flight at 1,000/s) and its wait added p99; 64 costs no CPU at saturation
+    #: (docs/benchmarks.md, round 3).
+    max_in_flight_per_target: int = 64
     #: Rows per merged call; keep it <= the model's max_batch_size in Triton.
     max_batch: int = 256
     #: Single rows wait for the end of the loop iteration they arrived in, and go out with
