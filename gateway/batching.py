@@ -227,6 +227,12 @@ class Coalescer:
                     m.future.set_result((resp, offset))
                 offset += m.rows
         finally:
+            # Each member points at the call and at the member list, itself included: a
+            # reference cycle per request that only the collector frees, in pauses that grew
+            # with the load (12 objects a request, gen0 pauses of 4-7 ms at 1,550/s). Cut it,
+            # so a request's objects go the moment its caller is done with them.
+            for m in members:
+                m.call = m.members = None
             lane.in_flight -= 1
             self._drain(lane)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import io
 import json
 from collections.abc import Awaitable, Callable
@@ -353,6 +354,32 @@ async def test_service_merges_concurrent_predictions_and_answers_each(
         assert body["request_id"] == f"req-{i}"
         assert body["score"] == pytest.approx(1 / (1 + np.exp(-(i - 1.5))), rel=1e-6)
         assert body["model_version"] == "2"
+
+
+async def test_a_finished_call_leaves_no_reference_cycle_behind() -> None:
+    """Each member pointed at its call and at the member list, itself included: a cycle per
+    request, so every request's objects waited for the collector, whose gen0 pauses then took
+    4-7 ms at 1,550 requests/s. Refcounting alone must free them."""
+    call = GatedCall()
+    call.gate.set()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=8), call)
+    await asyncio.gather(*(start(co, i) for i in range(3)))  # one merged call
+    await start(co, 9)  # and a lone one
+    await until(lambda: not co._tasks)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        await asyncio.gather(*(start(co, i) for i in range(3)))
+        await start(co, 9)
+        await until(lambda: not co._tasks)
+        gc.collect()
+        cyclic = {type(o).__name__ for o in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert not cyclic & {"_Waiter", "InferRequest", "Future", "Task"}, cyclic
 
 
 async def test_by_default_a_row_does_not_queue_behind_a_few_slow_calls() -> None:
