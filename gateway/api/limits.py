@@ -107,13 +107,19 @@ def connection_gate(max_connections: int) -> Middleware:
 
     @web.middleware
     async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # aiohttp keeps its open connections, in accept order, on the handler's server.
-        connections = getattr(getattr(request.protocol, "_manager", None), "connections", ())
+        # aiohttp keeps its open connections, in accept order, on the handler's server. Its
+        # public `connections` copies them into a list: a copy per request of every open
+        # connection, so the count is read from the dict it copies, the list made only when
+        # over the cap.
+        manager = getattr(request.protocol, "_manager", None)
+        held = getattr(manager, "_connections", None)
+        if held is None:
+            held = getattr(manager, "connections", ())
         if (
             max_connections > 0
-            and len(connections) > max_connections
+            and len(held) > max_connections
             and request.path not in _PROBES
-            and _position(connections, request.protocol) >= max_connections
+            and _position(list(held), request.protocol) >= max_connections
         ):
             request.protocol.close()  # after this answer
             raise Overloaded(
