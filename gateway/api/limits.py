@@ -112,7 +112,7 @@ def connection_gate(max_connections: int) -> Middleware:
         # connection, so the count is read from the dict it copies, the list made only when
         # over the cap.
         manager = getattr(request.protocol, "_manager", None)
-        held = getattr(manager, "_connections", None)
+        held: Any = getattr(manager, "_connections", None)
         if held is None:
             held = getattr(manager, "connections", ())
         if (
