@@ -8,6 +8,7 @@ REST's JSON and binary-tensor forms are decoded here; `v2_proto` holds the proto
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Mapping
@@ -84,6 +85,7 @@ class DecodeLimits:
     max_parameters: int = 64
 
     @classmethod
+    @functools.lru_cache(maxsize=8)  # a value per configured limit: built once, not per call
     def for_body(cls, max_body_bytes: int) -> DecodeLimits:
         """Limits that follow from the body (and gRPC message) size limit. Every encoding
         spends at least one byte per element (raw BOOL/INT8; JSON two, `0,`; BYTES four, its
