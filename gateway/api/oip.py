@@ -48,38 +48,8 @@ async def server_ready(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
-@routes.get("/v2/models/{model}/ready")
-@routes.get("/v2/models/{model}/versions/{version}/ready")
-async def model_ready(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    model, version = _model_and_version(request)
-    try:
-        ok = await service.backend.model_ready(model, version, service.control_timeout_s)
-    except SwitchyardError:
-        ok = False
-    return web.Response(status=200 if ok else 400)
-
-
-@routes.get("/v2/models/{model}")
-@routes.get("/v2/models/{model}/versions/{version}")
-async def model_metadata(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    model, version = _model_and_version(request)
-    return json_response(
-        await service.backend.model_metadata(model, version, service.control_timeout_s)
-    )
-
-
-@routes.get("/v2/models/{model}/config")
-@routes.get("/v2/models/{model}/versions/{version}/config")
-async def model_config(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    model, version = _model_and_version(request)
-    return json_response(
-        await service.backend.model_config(model, version, service.control_timeout_s)
-    )
-
-
+# Infer first: aiohttp tries every resource under the "/v2/models" prefix in registration
+# order, a regex each, so the hot route registered last paid six failed matches per request.
 @routes.post("/v2/models/{model}/infer")
 @routes.post("/v2/models/{model}/versions/{version}/infer")
 async def infer(request: web.Request) -> web.Response:
@@ -114,6 +84,38 @@ async def infer(request: web.Request) -> web.Response:
     return web.Response(
         body=payload,
         headers={HEADER_LENGTH: str(header_length), "Content-Type": "application/octet-stream"},
+    )
+
+
+@routes.get("/v2/models/{model}/ready")
+@routes.get("/v2/models/{model}/versions/{version}/ready")
+async def model_ready(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    model, version = _model_and_version(request)
+    try:
+        ok = await service.backend.model_ready(model, version, service.control_timeout_s)
+    except SwitchyardError:
+        ok = False
+    return web.Response(status=200 if ok else 400)
+
+
+@routes.get("/v2/models/{model}")
+@routes.get("/v2/models/{model}/versions/{version}")
+async def model_metadata(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    model, version = _model_and_version(request)
+    return json_response(
+        await service.backend.model_metadata(model, version, service.control_timeout_s)
+    )
+
+
+@routes.get("/v2/models/{model}/config")
+@routes.get("/v2/models/{model}/versions/{version}/config")
+async def model_config(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    model, version = _model_and_version(request)
+    return json_response(
+        await service.backend.model_config(model, version, service.control_timeout_s)
     )
 
 

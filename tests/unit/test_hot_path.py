@@ -107,3 +107,37 @@ async def test_try_acquire_takes_free_slots_only() -> None:
     assert not adm.try_acquire("a") and adm.in_flight("a") == 2
     adm.release("a")
     assert adm.in_flight("a") == 1 and adm.try_acquire("a")
+
+
+async def test_v2_infer_resolves_on_the_first_candidate_of_its_prefix(monkeypatch) -> None:
+    """aiohttp tries the resources under "/v2/models" in registration order, one regex and one
+    coroutine each: infer, the hot route, must be tried first, and the others still resolve."""
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+    from aiohttp.web_urldispatcher import DynamicResource
+
+    from gateway.api import oip
+
+    app = web.Application()
+    app.add_routes(oip.routes)
+    tried: list[str] = []
+    real = DynamicResource.resolve
+
+    async def counting(self: DynamicResource, request: web.Request) -> object:
+        tried.append(self.canonical)
+        return await real(self, request)
+
+    monkeypatch.setattr(DynamicResource, "resolve", counting)
+    expected = {
+        ("POST", "/v2/models/risk/versions/2/infer"): oip.infer,
+        ("POST", "/v2/models/risk/infer"): oip.infer,
+        ("GET", "/v2/models/risk/versions/2/ready"): oip.model_ready,
+        ("GET", "/v2/models/risk/config"): oip.model_config,
+        ("GET", "/v2/models/risk"): oip.model_metadata,
+    }
+    for (method, path), handler in expected.items():
+        tried.clear()
+        match = await app.router.resolve(make_mocked_request(method, path, app=app))
+        assert match.handler is handler, (method, path)
+        if handler is oip.infer:  # no other resource's regex tried first
+            assert all(c.endswith("/infer") for c in tried), tried
