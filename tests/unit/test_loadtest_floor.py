@@ -67,3 +67,66 @@ async def test_http_modes_use_the_gateways_http_transport() -> None:
     assert isinstance(path, Coalescer) and path.inner is backend
     assert backend.http is not None and (backend.http.host, backend.http.port) == ("127.0.0.1", 2)
     await backend.close()
+
+
+async def _raw_server(answer: Any, made: list[object] | None = None) -> tuple[Any, int]:
+    from loadtest.floor import RawProtocol
+
+    def connection() -> RawProtocol:
+        protocol = RawProtocol(answer)
+        (made if made is not None else []).append(protocol)
+        return protocol
+
+    server = await asyncio.get_running_loop().create_server(connection, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize("target", ["gateway-v2", "gateway-v1"])
+async def test_raw_server_answers_the_benchmark_bodies_like_aiohttps(
+    target: str, aiohttp_client: Callable[..., Awaitable[Any]]
+) -> None:
+    import aiohttp
+
+    made: list[object] = []
+    server, port = await _raw_server(None, made)
+    path = "/v2/models/risk/versions/2/infer" if target.endswith("v2") else "/v1/predict"
+    body = http_bodies(target, np.ones((1, 30), dtype=np.float32))[0]
+    async with server, aiohttp.ClientSession() as session:
+        for _ in range(3):  # one kept-alive connection, several requests
+            async with session.post(f"http://127.0.0.1:{port}{path}", data=body) as resp:
+                assert resp.status == 200
+                assert json.loads(await resp.read())["outputs"][0]["name"] == "score"
+        async with session.post(f"http://127.0.0.1:{port}/nope", data=body) as resp:
+            assert resp.status == 404
+        assert len(made) == 1  # every request on one kept-alive connection
+
+
+async def test_raw_server_writes_pipelined_answers_in_request_order() -> None:
+    """The second request's answer is ready first; it still goes out second."""
+    release, second_ready = asyncio.Event(), asyncio.Event()
+
+    async def answer(model: str, version: str, body: dict) -> bytes:
+        if version == "1":
+            await release.wait()
+        else:
+            second_ready.set()
+        return json.dumps({"outputs": [{"name": "score", "data": [int(version)]}]}).encode()
+
+    server, port = await _raw_server(answer)
+    body = http_bodies("gateway-v2", np.ones((1, 30), dtype=np.float32))[0]
+    requests = b"".join(
+        b"POST /v2/models/risk/versions/%d/infer HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (v, len(body), body)
+        for v in (1, 2)
+    )
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(requests)
+        await asyncio.wait_for(second_ready.wait(), 5)  # answered while the first still waits
+        release.set()
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 2 or not data.endswith(b"]}]}"):
+            data += await asyncio.wait_for(reader.read(65536), 5)
+        assert data.index(b'"data": [1]') < data.index(b'"data": [2]')
+        writer.close()
+        await writer.wait_closed()
