@@ -99,6 +99,8 @@ async def test_raw_server_answers_the_benchmark_bodies_like_aiohttps(
         async with session.post(f"http://127.0.0.1:{port}/nope", data=body) as resp:
             assert resp.status == 404
         assert len(made) == 1  # every request on one kept-alive connection
+        async with session.post(f"http://127.0.0.1:{port}{path}", data=b"{nope") as resp:
+            assert resp.status == 400  # and the connection closes
 
 
 async def test_raw_server_writes_pipelined_answers_in_request_order() -> None:
