@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -102,21 +104,21 @@ async def model_ready(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{model}")
 @routes.get("/v2/models/{model}/versions/{version}")
 async def model_metadata(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    model, version = _model_and_version(request)
-    return json_response(
-        await service.backend.model_metadata(model, version, service.control_timeout_s)
-    )
+    return await _control(request, request.app[SERVICE].backend.model_metadata)
 
 
 @routes.get("/v2/models/{model}/config")
 @routes.get("/v2/models/{model}/versions/{version}/config")
 async def model_config(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
+    return await _control(request, request.app[SERVICE].backend.model_config)
+
+
+async def _control(
+    request: web.Request, call: Callable[[str, str, float], Awaitable[dict[str, Any]]]
+) -> web.Response:
+    """A control-plane read of the backend's, as JSON, under the control timeout."""
     model, version = _model_and_version(request)
-    return json_response(
-        await service.backend.model_config(model, version, service.control_timeout_s)
-    )
+    return json_response(await call(model, version, request.app[SERVICE].control_timeout_s))
 
 
 def parse_deadline_ms(raw: str | None, max_ms: int) -> float | None:
