@@ -126,6 +126,10 @@ def _http(status: bytes, body: bytes, keep_alive: bool) -> bytes:
         b"Connection: %s\r\n\r\n%s" % (status, len(body), connection, body)  # fmt: skip
 
 
+_BAD_REQUEST = _http(b"400 Bad Request", b'{"error":"bad request"}', False)
+_INTERNAL_ERROR = _http(b"500 Internal Server Error", b'{"error":"internal"}', False)
+
+
 async def _framed(answer: Awaitable[bytes], keep: bool) -> bytes:
     return _http(b"200 OK", await answer, keep)
 
@@ -141,6 +145,7 @@ class RawProtocol(asyncio.Protocol):
 
         self.answer = answer  # None: bare mode, the canned answer at once
         self.parser = httptools.HttpRequestParser(self)
+        self.parse_error = httptools.HttpParserError  # not imported per read
         self.transport: asyncio.Transport | None = None
         self.url = b""
         self.body: list[bytes] = []
@@ -150,12 +155,10 @@ class RawProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        import httptools
-
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._write(_http(b"400 Bad Request", b'{"error":"bad request"}', False))
+        except self.parse_error:
+            self._write(_BAD_REQUEST)
 
     # httptools callbacks
     def on_url(self, url: bytes) -> None:
@@ -194,7 +197,7 @@ class RawProtocol(asyncio.Protocol):
         if self.last is task:
             self.last = None
         if task.cancelled() or task.exception() is not None:
-            self._write(_http(b"500 Internal Server Error", b'{"error":"internal"}', False))
+            self._write(_INTERNAL_ERROR)
         else:
             self._write(task.result(), keep)
 
@@ -205,7 +208,7 @@ class RawProtocol(asyncio.Protocol):
         try:
             self._write(response if isinstance(response, bytes) else await response, keep)
         except Exception:
-            self._write(_http(b"500 Internal Server Error", b'{"error":"internal"}', False))
+            self._write(_INTERNAL_ERROR)
         if self.last is asyncio.current_task():
             self.last = None
 

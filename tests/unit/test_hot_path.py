@@ -7,8 +7,12 @@ import random
 
 import numpy as np
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from aiohttp.web_urldispatcher import DynamicResource
 
 import gateway.resilience.retry as retry_mod
+from gateway.api import oip
 from gateway.catalog import ModelSchema
 from gateway.clock import FakeClock
 from gateway.errors import BackendUnavailable, ValidationFailed
@@ -112,12 +116,6 @@ async def test_try_acquire_takes_free_slots_only() -> None:
 async def test_v2_infer_resolves_on_the_first_candidate_of_its_prefix(monkeypatch) -> None:
     """aiohttp tries the resources under "/v2/models" in registration order, one regex and one
     coroutine each: infer, the hot route, must be tried first, and the others still resolve."""
-    from aiohttp import web
-    from aiohttp.test_utils import make_mocked_request
-    from aiohttp.web_urldispatcher import DynamicResource
-
-    from gateway.api import oip
-
     app = web.Application()
     app.add_routes(oip.routes)
     tried: list[str] = []

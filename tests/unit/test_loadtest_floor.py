@@ -10,6 +10,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -18,7 +19,7 @@ from gateway.clock import monotonic
 from gateway.tensors import Tensor
 from gateway.types import Deadline, InferRequest, InferResponse
 from loadtest.bench import http_bodies
-from loadtest.floor import TICK, build, layer
+from loadtest.floor import TICK, RawProtocol, build, layer
 
 
 class Recorder:
@@ -69,26 +70,21 @@ async def test_http_modes_use_the_gateways_http_transport() -> None:
     await backend.close()
 
 
-async def _raw_server(answer: Any, made: list[object] | None = None) -> tuple[Any, int]:
-    from loadtest.floor import RawProtocol
+async def _raw_server(answer: Any) -> tuple[Any, int, list[RawProtocol]]:
+    """The raw server on a free port, and the connections it has made."""
+    made: list[RawProtocol] = []
 
     def connection() -> RawProtocol:
-        protocol = RawProtocol(answer)
-        (made if made is not None else []).append(protocol)
-        return protocol
+        made.append(RawProtocol(answer))
+        return made[-1]
 
     server = await asyncio.get_running_loop().create_server(connection, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
+    return server, server.sockets[0].getsockname()[1], made
 
 
 @pytest.mark.parametrize("target", ["gateway-v2", "gateway-v1"])
-async def test_raw_server_answers_the_benchmark_bodies_like_aiohttps(
-    target: str, aiohttp_client: Callable[..., Awaitable[Any]]
-) -> None:
-    import aiohttp
-
-    made: list[object] = []
-    server, port = await _raw_server(None, made)
+async def test_raw_server_answers_the_benchmark_bodies_like_aiohttps(target: str) -> None:
+    server, port, made = await _raw_server(None)
     path = "/v2/models/risk/versions/2/infer" if target.endswith("v2") else "/v1/predict"
     body = http_bodies(target, np.ones((1, 30), dtype=np.float32))[0]
     async with server, aiohttp.ClientSession() as session:
@@ -114,7 +110,7 @@ async def test_raw_server_writes_pipelined_answers_in_request_order() -> None:
             second_ready.set()
         return json.dumps({"outputs": [{"name": "score", "data": [int(version)]}]}).encode()
 
-    server, port = await _raw_server(answer)
+    server, port, _ = await _raw_server(answer)
     body = http_bodies("gateway-v2", np.ones((1, 30), dtype=np.float32))[0]
     requests = b"".join(
         b"POST /v2/models/risk/versions/%d/infer HTTP/1.1\r\nHost: x\r\n"
