@@ -158,7 +158,7 @@ class RawProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except self.parse_error:
-            self._write(_BAD_REQUEST)
+            self._write(_BAD_REQUEST, keep=False)
 
     # httptools callbacks
     def on_url(self, url: bytes) -> None:
@@ -197,7 +197,7 @@ class RawProtocol(asyncio.Protocol):
         if self.last is task:
             self.last = None
         if task.cancelled() or task.exception() is not None:
-            self._write(_INTERNAL_ERROR)
+            self._write(_INTERNAL_ERROR, keep=False)
         else:
             self._write(task.result(), keep)
 
@@ -208,11 +208,11 @@ class RawProtocol(asyncio.Protocol):
         try:
             self._write(response if isinstance(response, bytes) else await response, keep)
         except Exception:
-            self._write(_INTERNAL_ERROR)
+            self._write(_INTERNAL_ERROR, keep=False)
         if self.last is asyncio.current_task():
             self.last = None
 
-    def _write(self, response: bytes, keep: bool = True) -> None:
+    def _write(self, response: bytes, keep: bool) -> None:
         assert self.transport is not None
         if not self.transport.is_closing():
             self.transport.write(response)

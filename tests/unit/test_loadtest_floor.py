@@ -96,7 +96,7 @@ async def test_raw_server_answers_the_benchmark_bodies_like_aiohttps(target: str
             assert resp.status == 404
         assert len(made) == 1  # every request on one kept-alive connection
         async with session.post(f"http://127.0.0.1:{port}{path}", data=b"{nope") as resp:
-            assert resp.status == 400  # and the connection closes
+            assert resp.status == 400
 
 
 async def test_raw_server_writes_pipelined_answers_in_request_order() -> None:
@@ -128,3 +128,13 @@ async def test_raw_server_writes_pipelined_answers_in_request_order() -> None:
         assert data.index(b'"data": [1]') < data.index(b'"data": [2]')
         writer.close()
         await writer.wait_closed()
+
+
+async def test_raw_server_closes_the_connection_its_error_answer_says_it_closes() -> None:
+    server, port, _ = await _raw_server(None)
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"NOT HTTP\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)  # to EOF: the server closed
+        assert answer.startswith(b"HTTP/1.1 400") and b"Connection: close" in answer
+        writer.close()
