@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.errors import ModelNotFound, ValidationFailed, VersionNotFound
+from gateway.errors import InvalidTensor, ModelNotFound, ValidationFailed, VersionNotFound
 from gateway.types import InferRequest, Tensor
 
 #: Outputs that hold one value per row by the repository's convention (model_repository/).
@@ -62,6 +62,23 @@ class ModelSchema:
             and t.data.ndim == 2
             and t.data.shape[1] == len(self.features)
         )
+
+    def check_finite(self, request: InferRequest) -> None:
+        """Rows that fit this schema hold finite numbers, as /v1 insists (`vectorize`). The
+        binary extension and gRPC's raw contents can carry NaN and inf, which the models
+        refuse with an error Triton reports as INTERNAL: a server failure to the breaker,
+        so one client's rows would open the breakers every client shares."""
+        data = request.inputs[0].data
+        if data.dtype.kind != "f":
+            return
+        finite = np.isfinite(data)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite.all(axis=1))[0])
+            raise InvalidTensor(
+                f"input {self.tensor!r}: row {row} holds a value that is not finite (NaN or inf)",
+                code="non_finite_input",
+                details={"input": self.tensor, "row": row},
+            )
 
     @property
     def scalar_outputs(self) -> bool:

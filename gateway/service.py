@@ -465,6 +465,8 @@ class InferenceService:
         schema = table.catalog.find(target.model, target.version) if target.version else None
         policy = self._policy(table, route, target) if route is not None else None
         batchable = schema is not None and schema.fits(request)
+        if schema is not None and batchable:
+            schema.check_finite(request)
         planned = InferRequest(
             target.model,
             target.version,

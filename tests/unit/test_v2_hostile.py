@@ -226,3 +226,20 @@ def test_response_parameters_are_emitted_without_none() -> None:
         "parameters": {"policy_version": "routes@abc", "request_id": "r"},
         "outputs": [{"name": "score", "datatype": "FP32", "shape": [1, 1], "data": [0.25]}],
     }
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+async def test_a_non_finite_feature_row_is_400_and_never_reaches_the_model(
+    client: TestClient, backend, value: float
+) -> None:
+    """The binary extension (and gRPC's raw contents) can carry NaN and inf, which JSON
+    cannot. The model refuses them with an error Triton reports as INTERNAL, a server
+    failure: five such requests from one client would open the breakers every client
+    shares. The gateway refuses them first, as /v1 does."""
+    raw = np.array([0.5, value, -1.0], np.float32).tobytes()
+    spec = {"name": "features", "datatype": "FP32", "shape": [1, 3],
+            "parameters": {"binary_data_size": len(raw)}}  # fmt: skip
+    status, body = await post(client, *binary_body({"inputs": [spec]}, raw))
+    assert (status, body["code"]) == (400, "non_finite_input")
+    assert "row 0" in body["error"]
+    assert backend.calls == []
