@@ -46,7 +46,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gateway.errors import DeadlineExceeded
+from gateway.errors import ClientError, DeadlineExceeded
 from gateway.types import Deadline, InferRequest, InferResponse, Tensor
 
 
@@ -207,12 +207,21 @@ class Coalescer:
                 self.merged_calls += 1
                 self.merged_rows += sum(m.rows for m in members)
             try:
-                resp = await self.inner.infer(request, latest)
+                try:
+                    resp = await self.inner.infer(request, latest)
+                except ClientError:
+                    if len(members) == 1:
+                        raise
+                    # The input's fault, not the call's: one member's bad row (Triton refuses
+                    # a whole request for it) must not fail the rows merged with it. Each is
+                    # asked again alone, under its own deadline, and gets its own outcome.
+                    await self._each_alone(members)
+                    return
             except asyncio.CancelledError:  # close(): the members are cancelled with it
                 for m in members:
                     m.future.cancel()
                 raise
-            except Exception as exc:  # the members share the call's fate
+            except Exception as exc:  # a server's failure: the members share the call's fate
                 for m in members:
                     if not m.future.done():
                         m.future.set_exception(exc)
@@ -235,6 +244,24 @@ class Coalescer:
                 m.call = m.members = None
             lane.in_flight -= 1
             self._drain(lane)
+
+    async def _each_alone(self, members: list[_Waiter]) -> None:
+        async def one(m: _Waiter) -> None:
+            try:
+                resp = await self.inner.infer(m.request, m.deadline)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not m.future.done():
+                    m.future.set_exception(exc)
+            else:
+                if not m.future.done():
+                    m.future.set_result((resp, _WHOLE))
+
+        loop = asyncio.get_running_loop()  # each in its own caller's context (request_id)
+        await asyncio.gather(
+            *(loop.create_task(one(m), context=m.context) for m in members if not m.future.done())
+        )
 
     async def close(self) -> None:
         """Cancel merged calls still running (their members get CancelledError)."""

@@ -20,7 +20,7 @@ from gateway.backends.base import InferRequest, InferResponse
 from gateway.batching import BatchingPolicy, Coalescer
 from gateway.catalog import ModelSchema
 from gateway.clock import FakeClock, monotonic
-from gateway.errors import BackendError, DeadlineExceeded
+from gateway.errors import BackendError, ClientError, DeadlineExceeded
 from gateway.tensors import Tensor
 from gateway.types import Deadline
 from tests.unit.fake_backend import FakeBackend
@@ -226,6 +226,38 @@ async def test_an_error_of_the_merged_call_reaches_every_member() -> None:
     results = await asyncio.gather(first, *others, return_exceptions=True)
     assert len(call.calls) == 2
     assert all(isinstance(r, BackendError) for r in results)
+
+
+class RowCheckingCall:
+    """A model that validates each call's rows and refuses the whole call when one row is
+    bad (a negative first feature), as Triton does for one request's bad input."""
+
+    def __init__(self) -> None:
+        self.calls: list[np.ndarray] = []
+
+    async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
+        rows = request.inputs[0].data
+        self.calls.append(rows)
+        await asyncio.sleep(0)
+        if (rows[:, 0] < 0).any():
+            raise ClientError("features must be non-negative", code="invalid_tensor")
+        return InferResponse(
+            "toy", "2", {"score": Tensor("score", "FP32", rows * 2)}, request.request_id
+        )
+
+
+async def test_one_members_bad_input_fails_that_member_alone() -> None:
+    """A client error of a merged call is the input's, not the call's: each member is asked
+    again on its own, so the bad row's caller gets the error and the others their answers."""
+    call = RowCheckingCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=8), call)
+    tasks = [start(co, i) for i in (1, -2, 3)]  # one loop pass: one merged call
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert len(call.calls[0]) == 3  # they were merged first
+    assert isinstance(results[1], ClientError)
+    assert answer(results[0]) == pytest.approx(row(1)[0] * 2)
+    assert answer(results[2]) == pytest.approx(row(3)[0] * 2)
+    assert sorted(len(c) for c in call.calls[1:]) == [1, 1, 1]  # then each alone, once
 
 
 async def test_a_cancelled_waiter_does_not_break_the_others() -> None:
