@@ -91,6 +91,16 @@ class _Lane:
     waiting: deque[_Waiter] = field(default_factory=deque)
     tick_pending: bool = False
 
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight, waiting or about to be drained: no caller holds this lane."""
+        return not self.in_flight and not self.waiting and not self.tick_pending
+
+
+#: Lanes at which the idle ones are forgotten: far above the (target, outputs) pairs a
+#: deployment has, so a sweep is rare and the hot path only pays a len().
+_SWEEP_AT = 1024
+
 
 #: Requests that may share a call: same target, input name, dtype, row shape and outputs.
 _LaneKey = tuple[str, str, str, str, tuple[int, ...], tuple[str, ...]]
@@ -116,6 +126,8 @@ class Coalescer:
                request.outputs)  # fmt: skip
         lane = self._lanes.get(key)
         if lane is None:
+            if len(self._lanes) >= _SWEEP_AT:
+                self._sweep()
             lane = self._lanes[key] = _Lane()
         room = lane.in_flight < self.policy.max_in_flight_per_target
         if len(t.data) > 1 or (room and not self.policy.tick_window):
@@ -148,6 +160,13 @@ class Coalescer:
         if offset < 0:  # the call carried this request alone: its response as it came
             return resp
         return _rows_of(resp, offset, len(t.data), request.request_id)
+
+    def _sweep(self) -> None:
+        """Forget the idle lanes. A lane's key holds the output names the client asked for,
+        so lanes kept forever would grow with every name a client makes up (each refused
+        downstream, each leaving its lane behind)."""
+        for key in [k for k, la in self._lanes.items() if la.idle]:
+            del self._lanes[key]
 
     def _tick(self, lane: _Lane) -> None:
         lane.tick_pending = False

@@ -17,7 +17,7 @@ import pytest
 
 from gateway.app import SERVICE, build_app
 from gateway.backends.base import InferRequest, InferResponse
-from gateway.batching import BatchingPolicy, Coalescer
+from gateway.batching import _SWEEP_AT, BatchingPolicy, Coalescer
 from gateway.catalog import ModelSchema
 from gateway.clock import FakeClock, monotonic
 from gateway.errors import BackendError, ClientError, DeadlineExceeded
@@ -258,6 +258,18 @@ async def test_one_members_bad_input_fails_that_member_alone() -> None:
     assert answer(results[0]) == pytest.approx(row(1)[0] * 2)
     assert answer(results[2]) == pytest.approx(row(3)[0] * 2)
     assert sorted(len(c) for c in call.calls[1:]) == [1, 1, 1]  # then each alone, once
+
+
+async def test_lanes_of_made_up_output_names_do_not_pile_up() -> None:
+    """A lane's key holds the outputs the client names. Names a client makes up are refused
+    downstream; their lanes must not stay behind, or memory grows with every new name."""
+    call = RowCheckingCall()
+    co = Coalescer(BatchingPolicy(True, max_in_flight_per_target=8), call)
+    for i in range(3 * _SWEEP_AT):
+        request = dataclasses.replace(SCHEMA.infer_request(row(1), f"r{i}"), outputs=(f"o{i}",))
+        await co.infer(request, deadline())
+    assert len(call.calls) == 3 * _SWEEP_AT
+    assert len(co._lanes) <= _SWEEP_AT
 
 
 async def test_a_cancelled_waiter_does_not_break_the_others() -> None:
