@@ -9,7 +9,7 @@ writes to Redis happen in batches off the request path.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import orjson
@@ -21,7 +21,19 @@ from gateway.clock import Clock, monotonic
 
 log = structlog.get_logger(__name__)
 
-CachedAnswer = dict[str, Any]  # {"version", "score", "decision", "confidence", "outputs"}
+#: {"model", "version", "outputs": {name: [datatype, ...]}, "complete": every output or some}
+CachedAnswer = dict[str, Any]
+
+
+def serves(answer: CachedAnswer, outputs: Collection[str]) -> bool:
+    """Whether a cached answer holds what a call asks for: each of ``outputs``, or, for a
+    call that named none (every output of the model), an answer stored as complete."""
+    held = answer.get("outputs")
+    if not isinstance(held, dict):
+        return False
+    if outputs:
+        return all(name in held for name in outputs)
+    return answer.get("complete") is True
 
 
 class PredictionCache:
@@ -84,15 +96,19 @@ class PredictionCache:
         value = orjson.loads(raw)
         return value if isinstance(value, dict) else None
 
-    def fresh(self, key: str, model: str, version: str, ttl_s: float) -> bool:
+    def fresh(
+        self, key: str, model: str, version: str, ttl_s: float, outputs: Collection[str] = ()
+    ) -> bool:
         """Whether this model version's answer for ``key`` is held with over half of a
-        ``ttl_s`` still to run (then storing it again would only cost a Redis write)."""
+        ``ttl_s`` still to run and with every one of ``outputs`` (then storing it again would
+        only cost a Redis write); ``outputs`` empty: an answer with every output."""
         hit = self._lru.get(key)
         return (
             hit is not None
             and hit[2] - self.clock() > ttl_s / 2
             and hit[1].get("version") == version
             and hit[1].get("model") == model
+            and serves(hit[1], outputs)
         )
 
     # -- writes ----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import structlog
 from gateway.clock import Clock, monotonic
 from gateway.errors import DeadlineExceeded, SwitchyardError
 from gateway.metrics import Metrics
-from gateway.resilience.cache import CachedAnswer, PredictionCache
+from gateway.resilience.cache import CachedAnswer, PredictionCache, serves
 from gateway.stats import p99
 from gateway.tensors import numpy_dtype, to_bytes
 from gateway.tracing import Tracing, span
@@ -280,15 +280,18 @@ class FallbackLadder:
         self, request: InferRequest, keys: Sequence[str], resp: InferResponse, ttl: float
     ) -> None:
         per_row = len(keys) > 1 or request.batchable
+        # A call that named its outputs got those only: its answer serves calls that ask
+        # for no more (cache.serves); a call that named none got every output.
+        complete = not request.outputs
         for i, key in enumerate(keys):
-            if self.cache.fresh(key, resp.model, resp.version, ttl):
+            if self.cache.fresh(key, resp.model, resp.version, ttl, request.outputs):
                 continue  # this version's answer to this input is cached and fresh
             outputs = {
                 name: [t.datatype, *_unit(t.data[i] if per_row else t.data)]
                 for name, t in resp.outputs.items()
             }
             self.cache.put(key, {"model": resp.model, "version": resp.version,
-                                 "outputs": outputs}, ttl)  # fmt: skip
+                                 "outputs": outputs, "complete": complete}, ttl)  # fmt: skip
 
     async def _from_cache(
         self, request: InferRequest, keys: Sequence[str], timeout_s: float, rung: str = ""
@@ -297,12 +300,13 @@ class FallbackLadder:
         hits: list[CachedAnswer] = []
         for key in keys:
             hit = await self.cache.get(key, timeout_s)
-            if hit is None or "outputs" not in hit:
+            if hit is None or not serves(hit, request.outputs):
                 return None
             hits.append(hit)
         per_row = len(keys) > 1 or request.batchable
         outputs: dict[str, Tensor] = {}
-        for name, (datatype, *_) in hits[0]["outputs"].items():
+        for name in request.outputs or hits[0]["outputs"]:
+            datatype = hits[0]["outputs"][name][0]
             units = [_array(datatype, *h["outputs"][name][1:]) for h in hits]
             outputs[name] = Tensor(name, datatype, np.stack(units) if per_row else units[0])
         first = hits[0]

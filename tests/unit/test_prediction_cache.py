@@ -6,7 +6,7 @@ from __future__ import annotations
 from gateway.clock import FakeClock
 from gateway.resilience.cache import PredictionCache
 
-ANSWER = {"version": "2", "outputs": {"score": ["FP32", [1], [0.25]]}}
+ANSWER = {"version": "2", "outputs": {"score": ["FP32", [1], [0.25]]}, "complete": True}
 
 
 async def test_entries_expire_on_their_own_ttl() -> None:
@@ -46,3 +46,11 @@ def test_fresh_names_the_version_that_answered() -> None:
     assert not cache.fresh("other", "risk", "2", 60.0)
     clock.advance(31.0)
     assert not cache.fresh("k", "risk", "2", 60.0)  # half spent: refresh it
+
+
+def test_fresh_asks_for_the_outputs_a_call_names() -> None:
+    cache = PredictionCache(max_entries=10, clock=FakeClock())
+    cache.put("k", {"model": "risk", **ANSWER, "complete": False}, 60.0)  # score only
+    assert cache.fresh("k", "risk", "2", 60.0, ("score",))
+    assert not cache.fresh("k", "risk", "2", 60.0, ("score", "decision"))
+    assert not cache.fresh("k", "risk", "2", 60.0)  # a call that named none wants them all
