@@ -181,27 +181,40 @@ class FallbackLadder:
         reason = self._skip_reason(route, request, deadline)
         error: SwitchyardError | None = None  # built only when needed
         if reason is None:
-            started = self.clock()
             try:
-                with span(self.tracing, "rung primary", model=request.model):
-                    resp = await self.inner.infer(request, self._primary_deadline(route, deadline))
+                return await self._primary(request, keys, self._primary_deadline(route, deadline))
             except SwitchyardError as exc:
-                if isinstance(exc, DeadlineExceeded):
-                    self._trigger(request).observe(self.clock() - started)
                 reason = exc.fallback_reason
                 if reason is None or not route.has_ladder:
                     raise  # bad input or load shedding: the caller must see it
                 error = exc
-            else:
-                self._trigger(request).observe(self.clock() - started)
-                ttl = max(route.cache_ttl_s, route.response_cache_ttl_s)
-                if ttl > 0:
-                    self._remember(request, keys or cache_keys(request), resp, ttl)
-                return resp
         rescue = await self._rescue(request, keys, deadline, reason)
-        if rescue is None:
-            raise error or DeadlineExceeded("no time left for the primary")
-        return rescue
+        if rescue is not None:
+            return rescue
+        if reason == "latency":
+            # Skipped for being slow, and no rung answered: a slow answer beats none, and
+            # the primary may spend what is left (the ladder has nothing more to give).
+            return await self._primary(request, keys, deadline)
+        raise error or DeadlineExceeded("no time left for the primary")
+
+    async def _primary(
+        self, request: InferRequest, keys: Sequence[str] | None, deadline: Deadline
+    ) -> InferResponse:
+        """The primary's answer, timed for the latency trigger and remembered in the cache."""
+        route = request.policy
+        assert route is not None
+        started = self.clock()
+        try:
+            with span(self.tracing, "rung primary", model=request.model):
+                resp = await self.inner.infer(request, deadline)
+        except DeadlineExceeded:
+            self._trigger(request).observe(self.clock() - started)
+            raise
+        self._trigger(request).observe(self.clock() - started)
+        ttl = max(route.cache_ttl_s, route.response_cache_ttl_s)
+        if ttl > 0:
+            self._remember(request, keys or cache_keys(request), resp, ttl)
+        return resp
 
     # -- before the primary ----------------------------------------------------------------
     def _skip_reason(

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 
 from gateway.api.keys import METRICS
 from gateway.clock import FakeClock
@@ -190,6 +191,27 @@ async def test_response_cache_is_off_by_default(
     await predict(client, [0.1, 0.2, 0.3])
     await predict(client, [0.1, 0.2, 0.3])
     assert served(primary) == 2
+
+
+async def test_a_slow_primary_answers_when_no_rung_can(
+    tmp_path: Path, aiohttp_client: Any, primary: FakeBackend, small: FakeBackend
+) -> None:
+    """The latency trigger skips a primary over its SLO for the ladder. When no rung
+    answers (the distilled model down, no cache, no default), the slow primary still has
+    the caller's deadline to spend: its answer, not a 504 with the deadline unused."""
+    route = 'fallback: {target: toy_small, version: "1"}\nslo: {p99_ms: 20}\n'
+    client, _ = await make_client(tmp_path, aiohttp_client, primary, small, route)
+    primary.latency_s = 0.05  # over the 20 ms SLO, far inside the 2 s deadline
+    small.fail_with = BackendUnavailable("distilled model down")
+    with capture_logs() as logs:
+        for _ in range(200):  # until the trigger trips and the ladder is tried first
+            status, body = await predict(client, [1, 2, 3], deadline_ms=2000)
+            assert status == 200, body
+            assert body["fallback_used"] is None and body["model_version"] == "2"
+            if any(e["event"] == "fallback_model_failed" for e in logs):
+                break
+    # The primary was skipped for its latency, the ladder tried, and the primary answered.
+    assert any(e["event"] == "fallback_model_failed" for e in logs)
 
 
 def test_latency_trigger_trips_on_p99_and_recovers_when_the_window_clears() -> None:
