@@ -12,6 +12,7 @@ import redis
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from sklearn.datasets import load_breast_cancer
+from tritonclient.utils import InferenceServerException
 
 from gateway.catalog import ModelCatalog
 from gateway.predlog.redis_stream import decode_fields
@@ -92,3 +93,36 @@ def test_v2_risk_with_an_entity_is_split_sticky_and_logged_once(
         assert e["protocol"] == "v2" and e["version"] == version
         assert e["policy_version"] == route.policy_version and e["model"] == "risk"
         assert e["output"]["decision"] in ("approve", "review", "deny")
+
+
+def test_one_clients_nan_rows_do_not_open_the_breakers_every_client_shares(
+    triton: TritonServer, repo_root: Path, tmp_path: Path
+) -> None:
+    """The shipped models refuse NaN with an error Triton reports as INTERNAL, which the
+    pool counts as the server's failure. Sent by the binary extension (JSON cannot carry
+    NaN), ten such requests from one client would open risk's and risk_distilled's
+    breakers, and every other client would get the static default. They are 400s, decided
+    by the gateway, and the next client gets the model's own answer."""
+    gw = start_gateway(repo_root, tmp_path, triton.grpc_url)
+    client = httpclient.InferenceServerClient(gw.url.removeprefix("http://"))
+    try:
+        wait_http_ok(f"{gw.url}/readyz", 60, gw.process, gw.log_file)
+        bad = ROWS[:1].copy()
+        bad[0, 3] = np.nan
+        for _ in range(10):
+            inp = httpclient.InferInput("features", [1, 30], "FP32")
+            inp.set_data_from_numpy(bad, binary_data=True)
+            try:
+                client.infer("risk", [inp])
+            except InferenceServerException as exc:
+                assert exc.status() == "400" and "not finite" in exc.message()
+            else:
+                raise AssertionError("a NaN row was answered")
+        inp = httpclient.InferInput("features", [1, 30], "FP32")
+        inp.set_data_from_numpy(ROWS[:1], binary_data=True)
+        body = client.infer("risk", [inp]).get_response()
+        assert "fallback_used" not in body["parameters"]
+        assert body["model_version"] in ("1", "2")
+    finally:
+        client.close()
+        stop_gateway(gw)
