@@ -18,6 +18,8 @@ import structlog
 from aiohttp import web
 
 from gateway.api.grpc_server import grpc_serving
+from gateway.api.limits import KEEPALIVE_TIMEOUT_S
+from gateway.api.middleware import GatewayProtocol
 from gateway.app import build_app
 from gateway.config import ServerSettings, Settings
 from gateway.log import configure_logging
@@ -50,6 +52,50 @@ def rest_listener(server: ServerSettings) -> socket.socket:
     family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
     return socket.create_server(
         (server.host, server.port), family=family, backlog=server.backlog, reuse_port=False
+    )
+
+
+class _Server(web.Server):
+    """aiohttp's Server, its connections served by GatewayProtocol. Its __call__ is the
+    protocol factory the sites hand the event loop; aiohttp 3.14 names RequestHandler there
+    and has no setting for another class."""
+
+    def __call__(self) -> web.RequestHandler:
+        return GatewayProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class _AppRunner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()  # the app's startup, then aiohttp's Server
+        # Made by the app (Application._make_handler), not by us: re-class it rather than
+        # copy its construction. _Server adds no state, only its __call__.
+        server.__class__ = _Server
+        return server
+
+
+def app_runner(
+    app: web.Application,
+    server: ServerSettings,
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+) -> web.AppRunner:
+    """The runner serve_one serves ``app`` with (tests start it on a port of their own)."""
+    return _AppRunner(
+        app,
+        handle_signals=False,  # serve_one: stop accepting, let the accepted speak, then drain
+        access_log=None,
+        shutdown_timeout=server.shutdown_timeout_s,
+        # A client that disconnects cancels its handler, and with it the Triton call and
+        # its admission slot (aiohttp leaves handlers running by default).
+        handler_cancellation=True,
+        # Request line, header field and header count limits of aiohttp's parser (what it
+        # refuses, GatewayProtocol answers); the body deadline and the connection cap are
+        # middlewares (gateway/api/limits.py).
+        max_line_size=server.max_line_bytes,
+        max_field_size=server.max_header_bytes,
+        max_headers=server.max_headers,
+        # Idle connections, and ones whose request head has not arrived, close after this
+        # (gateway/api/limits.py): aiohttp's default kept them an hour.
+        keepalive_timeout=keepalive_timeout_s,
     )
 
 
@@ -92,20 +138,7 @@ def serve_one(
             on_listening()
 
     async def serve() -> None:
-        runner = web.AppRunner(
-            await make_app(),
-            handle_signals=False,  # below: stop accepting, let the accepted speak, then drain
-            access_log=None,
-            shutdown_timeout=settings.server.shutdown_timeout_s,
-            # A client that disconnects cancels its handler, and with it the Triton call and
-            # its admission slot (aiohttp leaves handlers running by default).
-            handler_cancellation=True,
-            # Request line, header field and header count limits of aiohttp's parser; the
-            # body deadline and the connection cap are middlewares (gateway/api/limits.py).
-            max_line_size=settings.server.max_line_bytes,
-            max_field_size=settings.server.max_header_bytes,
-            max_headers=settings.server.max_headers,
-        )
+        runner = app_runner(await make_app(), settings.server)
         await runner.setup()
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

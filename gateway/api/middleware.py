@@ -1,5 +1,14 @@
 """The one place errors become responses, and the one access-log line per request (errors
-and slow requests always; fast successes within `log.access`'s budget)."""
+and slow requests always; fast successes within `log.access`'s budget).
+
+Requests aiohttp's parser refuses never reach a middleware: aiohttp answers them itself, in
+`RequestHandler.handle_error`. `GatewayProtocol` (the protocol `gateway.serving` serves with)
+answers them here too, in the same JSON shape: 431 `header_too_large` past the request line,
+header field or header count limits (server.max_line_bytes, max_header_bytes, max_headers),
+else 400 `bad_request`. aiohttp's own answer quoted the offending bytes back and logged them
+at ERROR with a traceback (a key read from a CRLF file, its header line ending in a stray CR,
+went whole to stderr); ours repeats nothing, and logs one line without the exception.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +19,13 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.typedefs import Middleware
 
 from gateway import errors
 from gateway.access_log import AccessLogPolicy, AccessSampler
 from gateway.api.keys import LOG_FIELDS, REQUEST_ID, TRACING
-from gateway.request_ids import RequestIds
+from gateway.request_ids import RequestIds, is_client_request_id
 
 log = structlog.get_logger("gateway.access")
 
@@ -61,9 +71,19 @@ def request_context(
 
     @web.middleware
     async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = request.headers.get(REQUEST_ID_HEADER) or new_id()
-        request[REQUEST_ID] = request_id
+        sent = request.headers.get(REQUEST_ID_HEADER)
+        # The id is echoed in a header and in JSON bodies and logs: an id that is not visible
+        # ASCII (header bytes that are not UTF-8 arrive as lone surrogates, which orjson
+        # refuses) crashed the error mapper itself. Such an id gets a fresh one instead, and
+        # the access line says so.
         request[LOG_FIELDS] = {}
+        if sent and is_client_request_id(sent):
+            request_id = sent
+        else:
+            request_id = new_id()
+            if sent:
+                request[LOG_FIELDS]["request_id_replaced"] = True
+        request[REQUEST_ID] = request_id
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
@@ -103,6 +123,62 @@ def request_context(
                 )
 
     return context
+
+
+class GatewayProtocol(web.RequestHandler):
+    """aiohttp's HTTP protocol, answering what it answers itself (requests its parser
+    refuses, a failure that escapes every middleware) as `request_context` answers errors."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's message and its exception's text quote the request's bytes: never used.
+        if request.writer.output_size > 0:  # as aiohttp: too late for another answer
+            raise ConnectionError("a response is under way; cannot answer with an error")
+        if isinstance(exc, HttpProcessingError):
+            error = self._parser_error(exc)
+            # A TLS hello or a scanner's probe on the plaintext port: expected on a public
+            # port, so not a warning each (aiohttp logs these at debug too).
+            report = log.debug if isinstance(exc, BadHttpMethod) else log.warning
+            report(
+                "bad_http_request",
+                status=error.status,
+                code=error.code,
+                error=type(exc).__name__,
+                peer=request.remote,
+            )
+        else:
+            error = (
+                errors.DeadlineExceeded("the request timed out")
+                if status == 504
+                else errors.SwitchyardError("internal error")
+            )
+            log.error("unhandled_error", exc_info=exc)  # our own fault: its traceback
+        response = json_response(error.to_dict(None), error.status)
+        response.force_close()
+        return response
+
+    def _parser_error(self, exc: HttpProcessingError) -> errors.SwitchyardError:
+        # "Too many headers received" has no class of its own in aiohttp.
+        if isinstance(exc, LineTooLong) or exc.message == "Too many headers received":
+            error = errors.ClientError(
+                "the request line or a header is too long, or there are too many headers",
+                code="header_too_large",
+                details={
+                    "max_line_bytes": self.max_line_size,
+                    "max_header_bytes": self.max_field_size,
+                    "max_headers": self.max_headers,
+                },
+            )
+            error.status = 431  # type: ignore[misc]
+            return error
+        return errors.ClientError("malformed HTTP request", code="bad_request")
 
 
 #: Probes and scrapes: frequent, and counted elsewhere; never an access line.
