@@ -1,5 +1,6 @@
 """Request limits on a running app over raw sockets: JSON nesting depth, a body trickled
-slower than server.body_read_timeout_s (slowloris), and the connection cap."""
+slower than server.body_read_timeout_s (slowloris), the connection cap, and connections that
+idle or never finish their request head (closed after the keep-alive timeout)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,23 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.api.limits import check_depth, json_depth_exceeds
+from gateway.api.limits import KEEPALIVE_TIMEOUT_S, check_depth, json_depth_exceeds
 from gateway.app import build_app
-from gateway.config import Settings
+from gateway.config import ServerSettings, Settings
 from gateway.errors import ClientError
+from gateway.serving import app_runner
 from tests.unit.fakes import toy_backend, write_repo
 
 PREDICT = {"model_name": "toy", "features": [0.1, 0.2, 0.3]}
@@ -176,3 +181,142 @@ async def test_connections_past_the_cap_get_503_and_the_first_ones_keep_working(
             break
         await asyncio.sleep(0.02)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
+@contextlib.asynccontextmanager
+async def served(settings: Settings, keepalive_timeout_s: float) -> AsyncIterator[int]:
+    """The app behind serve_one's runner (its protocol settings: the aiohttp_server fixture
+    would not apply them) on a free port of 127.0.0.1."""
+    runner = app_runner(
+        build_app(settings, backend=toy_backend()),
+        settings.server,
+        keepalive_timeout_s=keepalive_timeout_s,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+async def closed_within(reader: asyncio.StreamReader, within_s: float) -> bytes:
+    """What the server sent before it closed the connection, waiting ``within_s`` at most."""
+    async with asyncio.timeout(within_s):
+        return await reader.read()
+
+
+HALF_A_HEAD = b"GET /admin/routes HTTP/1.1\r\nHost: x\r\n"
+
+
+async def test_a_connection_that_sends_no_complete_head_in_time_is_closed(
+    tmp_path: Path,
+) -> None:
+    timeout_s = 0.4
+    async with served(limited(tmp_path), keepalive_timeout_s=timeout_s) as port:
+        silent = await asyncio.open_connection("127.0.0.1", port)
+        half = await asyncio.open_connection("127.0.0.1", port)
+        half[1].write(HALF_A_HEAD)
+        trickler = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+
+        async def trickle() -> None:  # slowloris: one header byte every 50 ms, never done
+            trickler[1].write(HALF_A_HEAD)
+            while True:
+                trickler[1].write(b"X")
+                await trickler[1].drain()
+                await asyncio.sleep(0.05)
+
+        sender = asyncio.create_task(trickle())
+        try:
+            for reader, _ in (silent, half, trickler):
+                assert await closed_within(reader, timeout_s + 3) == b""  # EOF, no answer
+            assert timeout_s <= time.monotonic() - started < timeout_s + 3
+            assert not sender.done()  # closed while the client was still sending
+            # A request that arrives in time is answered on a fresh connection.
+            answer = await raw_request(port, http("GET", "/admin/routes"))
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await sender
+            for _, w in (silent, half, trickler):
+                w.close()
+
+
+async def test_an_idle_kept_alive_connection_is_closed_and_a_busy_one_is_not(
+    tmp_path: Path,
+) -> None:
+    timeout_s = 0.4
+    async with served(limited(tmp_path), keepalive_timeout_s=timeout_s) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            # Requests closer together than the timeout keep the connection, for longer
+            # than the timeout in all.
+            started = time.monotonic()
+            while True:
+                writer.write(http("GET", "/healthz"))
+                async with asyncio.timeout(5):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = re.search(rb"Content-Length: (\d+)", head)
+                    assert length is not None
+                    await reader.readexactly(int(length[1]))
+                assert head.startswith(b"HTTP/1.1 200")
+                idle_from = time.monotonic()
+                if idle_from - started > 2 * timeout_s:
+                    break
+                await asyncio.sleep(timeout_s / 4)  # the client's pace, not a synchronisation
+            assert await closed_within(reader, timeout_s + 3) == b""
+            assert time.monotonic() - idle_from >= timeout_s * 0.9
+        finally:
+            writer.close()
+
+
+async def test_idle_connections_no_longer_lock_out_the_others_past_the_cap(
+    tmp_path: Path,
+) -> None:
+    """The lockout: a client holds max_connections idle sockets; once they time out, others
+    are served again instead of getting 503 overloaded until they go (3630 s in aiohttp)."""
+    timeout_s = 0.4
+    settings = limited(tmp_path, max_connections=2)
+    async with served(settings, keepalive_timeout_s=timeout_s) as port:
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        idle[1][1].write(HALF_A_HEAD)
+        try:
+            answer = await raw_request(port, http("GET", "/admin/routes"))
+            assert answer.startswith(b"HTTP/1.1 503"), answer[:200]  # the cap holds...
+            deadline = time.monotonic() + timeout_s + 3
+            while True:  # ...until the idle ones are closed (the server sees it async: poll)
+                answer = await raw_request(port, http("GET", "/admin/routes"))
+                if answer.startswith(b"HTTP/1.1 200") or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.02)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            for reader, _ in idle:
+                assert await closed_within(reader, 1) == b""
+        finally:
+            for _, w in idle:
+                w.close()
+
+
+async def test_serve_one_closes_idle_connections_long_before_aiohttp_would(
+    tmp_path: Path,
+) -> None:
+    runner = app_runner(build_app(limited(tmp_path), backend=toy_backend()), ServerSettings())
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        try:
+            writer.write(http("GET", "/healthz"))  # answered: the server holds the connection
+            async with asyncio.timeout(5):
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            assert runner.server is not None
+            (connection,) = runner.server.connections
+            assert connection.keepalive_timeout == KEEPALIVE_TIMEOUT_S <= 30
+        finally:
+            writer.close()
+    finally:
+        await runner.cleanup()
