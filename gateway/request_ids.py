@@ -1,5 +1,9 @@
-"""Request ids for requests that bring none: 32 lowercase hex digits of os.urandom, like
-``uuid.uuid4().hex``, at a fraction of its cost.
+"""Request ids for requests that bring none (or bring one we will not echo): 32 lowercase hex
+digits of os.urandom, like ``uuid.uuid4().hex``, at a fraction of its cost.
+
+A client's own id (the X-Request-ID header) is kept when `is_client_request_id`: 1 to 128
+visible ASCII characters, the rule the /v1 body's ``request_id`` follows
+(gateway/api/schemas.py), since the id is echoed in a response header, in JSON and in logs.
 
 ``uuid4()`` makes one getrandom syscall and builds a UUID object per id (~1.7 us; 1-1.5 % of
 the gateway's CPU per prediction under load, py-spy in docs/benchmarks.md). Here 4 KiB of
@@ -11,8 +15,20 @@ processes never hand out the same id.
 from __future__ import annotations
 
 import os
+import re
 import weakref
 from collections.abc import Callable
+
+#: The longest client request id kept (as the /v1 body's request_id, schemas.MAX_ID).
+MAX_CLIENT_ID = 128
+
+# fullmatch: "$" would also match before a trailing newline.
+_CLIENT_ID = re.compile(rf"[!-~]{{1,{MAX_CLIENT_ID}}}")
+
+
+def is_client_request_id(value: str) -> bool:
+    """Whether a client's request id may be used as is: visible ASCII, 1..MAX_CLIENT_ID."""
+    return _CLIENT_ID.fullmatch(value) is not None
 
 
 class RequestIds:

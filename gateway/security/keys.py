@@ -104,6 +104,11 @@ class KeyFile:
         object.__setattr__(self, "_by_hash", {k.sha256: k for k in self.keys})
 
     def lookup(self, presented: str) -> KeyRecord | None:
+        # Keys are printable ASCII (sk_ + base64url): anything else is an unknown key, the
+        # same 401 as any wrong one. Header bytes that are not UTF-8 reach us as lone
+        # surrogates (aiohttp decodes with surrogateescape), which encode() refuses: a 500.
+        if not (presented.isascii() and presented.isprintable()):
+            return None
         digest = hash_key(presented)
         record = self._by_hash.get(digest)
         if record is None or not hmac.compare_digest(record.sha256, digest):

@@ -206,3 +206,52 @@ async def test_over_the_rate_429_with_headers_per_key(
     assert status == 200  # another key has its own share
     status, _, _ = await call(client, "/healthz", body=None)
     assert status == 200  # health is never limited
+
+
+V2_INFER = {
+    "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 3], "data": [0, 0, 0]}]
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "header"),
+    [
+        ("/v1/predict", b"Authorization: Bearer sk_\xff"),  # not UTF-8: a lone surrogate
+        ("/v1/predict", b"X-API-Key: sk_\xe9"),
+        ("/v1/predict", "Authorization: Bearer sk_\u00e9t\u00e9".encode()),  # UTF-8, not ASCII
+        ("/v2/models/toy/infer", b"Authorization: Bearer \xc3"),
+        ("/admin/routes", b"X-API-Key: \x80\x81"),
+    ],
+)
+async def test_a_key_that_is_not_ascii_is_an_unknown_key(
+    tmp_path: Path, keys_file: Path, aiohttp_server, path: str, header: bytes
+) -> None:
+    add_key(keys_file, "p", "predict,admin")
+    settings = with_auth(write_repo(tmp_path), keys_file)
+    server = await aiohttp_server(build_app(settings, backend=toy_backend()))
+    body = json.dumps(V2_INFER if path.startswith("/v2") else PREDICT).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    with structlog.testing.capture_logs() as logs:
+        try:
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+                + b"Content-Length: %d\r\n%s\r\n\r\n%s" % (len(body), header, body)
+            )
+            async with asyncio.timeout(5):
+                answer = await reader.read()
+        finally:
+            writer.close()
+    head, _, raw = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), answer[:300]
+    assert b'WWW-Authenticate: Bearer realm="switchyard"' in head
+    reply = json.loads(raw)
+    code = reply["code"] if path.startswith("/v2") else reply["error"]["code"]
+    assert code == "unauthenticated"
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
+
+
+@pytest.mark.parametrize("presented", ["sk_\udcff", "sk_\u00e9", "sk_a\x00", "sk_a\x7f", "sk_a\n"])
+def test_the_key_file_does_not_know_a_key_outside_printable_ascii(presented: str) -> None:
+    keys = KeyFile((KeyRecord("p", hash_key("sk_a"), frozenset({"predict"})),))
+    assert keys.lookup("sk_a") is not None
+    assert keys.lookup(presented) is None
