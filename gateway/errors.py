@@ -8,6 +8,7 @@ headers an error needs (`Retry-After`, `WWW-Authenticate`, `X-RateLimit-*`) come
 
     SwitchyardError                      500 internal_error
     ├── ClientError                      400 invalid_request
+    │   ├── BadRequest                   400 bad_request (what the HTTP parser refuses)
     │   ├── MalformedJSON                400 malformed_json
     │   ├── InvalidField                 400 invalid_field
     │   │   └── InvalidDeadline          400 invalid_deadline
@@ -24,6 +25,7 @@ headers an error needs (`Retry-After`, `WWW-Authenticate`, `X-RateLimit-*`) come
     │   │   └── RegistryError            409 registry_error (model registry CLI: publish ...)
     │   ├── RequestTimeout               408 request_timeout (the body came too slowly)
     │   ├── PayloadTooLarge              413 payload_too_large
+    │   ├── HeaderTooLarge               431 header_too_large (request line, header, count)
     │   ├── ValidationFailed             422 invalid_features (code varies per field error)
     │   └── RateLimited                  429 rate_limited (+ Retry-After, X-RateLimit-*)
     ├── BackendError                     502 backend_error               [server, ladder]
@@ -135,6 +137,13 @@ class ClientError(SwitchyardError):
     grpc_status = "INVALID_ARGUMENT"
 
 
+class BadRequest(ClientError):
+    """A request the HTTP parser refuses (answered by `gateway.api.middleware`'s protocol,
+    before any middleware runs)."""
+
+    default_code = "bad_request"
+
+
 class MalformedJSON(ClientError):
     default_code = "malformed_json"
 
@@ -223,6 +232,15 @@ class PayloadTooLarge(ClientError):
     status = 413
     default_code = "payload_too_large"
     # What grpc itself answers for a message over the size limit.
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class HeaderTooLarge(ClientError):
+    """The request line, a header field or the number of headers is past the server's
+    limits (server.max_line_bytes, max_header_bytes, max_headers)."""
+
+    status = 431
+    default_code = "header_too_large"
     grpc_status = "RESOURCE_EXHAUSTED"
 
 

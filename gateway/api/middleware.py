@@ -167,18 +167,15 @@ class GatewayProtocol(web.RequestHandler):
     def _parser_error(self, exc: HttpProcessingError) -> errors.SwitchyardError:
         # "Too many headers received" has no class of its own in aiohttp.
         if isinstance(exc, LineTooLong) or exc.message == "Too many headers received":
-            error = errors.ClientError(
+            return errors.HeaderTooLarge(
                 "the request line or a header is too long, or there are too many headers",
-                code="header_too_large",
                 details={
                     "max_line_bytes": self.max_line_size,
                     "max_header_bytes": self.max_field_size,
                     "max_headers": self.max_headers,
                 },
             )
-            error.status = 431  # type: ignore[misc]
-            return error
-        return errors.ClientError("malformed HTTP request", code="bad_request")
+        return errors.BadRequest("malformed HTTP request")
 
 
 #: Probes and scrapes: frequent, and counted elsewhere; never an access line.
