@@ -49,10 +49,15 @@ class EntryBuffer(Generic[T]):
     async def take(self, idle_s: float, flush_interval_s: float) -> list[T]:
         """Up to one batch: waits at most `idle_s` for a first entry, then at most
         `flush_interval_s` for the batch to fill. Empty when nothing came."""
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that
+        # lands as the event fires (an entry just recorded), and the writer it should stop
+        # ran on, with PredictionLog.close() awaiting it forever.
         if not self._items:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._nonempty.wait(), idle_s)
+                async with asyncio.timeout(idle_s):
+                    await self._nonempty.wait()
         if self._items and len(self._items) < self.batch_size and flush_interval_s > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full_batch.wait(), flush_interval_s)
+                async with asyncio.timeout(flush_interval_s):
+                    await self._full_batch.wait()
         return self.take_nowait(self.batch_size)
