@@ -17,8 +17,8 @@ probe runs every `retry_interval_s`; once it answers, the unlocked segments are 
 stream's high-water mark per (segment, line) makes every replay, even of entries that had
 reached Redis, exactly-once. That needs a segment's lines to reach Redis in order, so at its
 first entry that misses the fast path (a failed batch, a full buffer) a segment leaves the fast
-path for good: it is rotated and replayed whole. `close` drains the buffer and unlocks
-whatever is not confirmed.
+path for good: it is rotated and replayed whole. `close` drains the buffer, unlocks whatever
+is not confirmed and, while Redis answers, replays it (within `close_replay_s`).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class PredictionLog:
         flush_interval_s: float = 0.05,
         retry_interval_s: float = 1.0,
         orphan_scan_interval_s: float = 1.0,
+        close_replay_s: float = 5.0,
         clock: Clock = monotonic,
     ) -> None:
         self.spool = spool
@@ -66,6 +67,8 @@ class PredictionLog:
         self.flush_interval_s = flush_interval_s
         self.retry_interval_s = retry_interval_s
         self.orphan_scan_interval_s = orphan_scan_interval_s
+        #: How long close() may spend sending what is left in the spool to Redis.
+        self.close_replay_s = close_replay_s
         self._next_orphan_scan = 0.0
         self.clock = clock
         self.healthy = writer is not None
@@ -139,10 +142,26 @@ class PredictionLog:
             self.spool.close()
         except OSError as exc:
             log.error("predlog_spool_close_failed", error=str(exc))
-        if self.writer is not None and self.healthy:
-            with contextlib.suppress(StreamUnavailable):  # a leftover field, not an entry
-                await self._forget_deleted()
+        if self.writer is not None:
+            await self._replay_leftovers()
         self._update_lag()
+
+    async def _replay_leftovers(self) -> None:
+        """What this process left on disk only (a full buffer, a failed batch, an outage
+        that just ended) goes to Redis now, while it answers: the spool may not outlive the
+        process (a pod's emptyDir goes with the pod). Bounded: a stop must not hang."""
+        assert self.writer is not None
+        try:
+            async with asyncio.timeout(self.close_replay_s):
+                if not self.healthy:
+                    await self.writer.ping()
+                    self.healthy = True
+                await self.replay(seal=False)
+                if self.healthy:
+                    await self._forget_deleted()
+        except (TimeoutError, StreamUnavailable) as exc:
+            left = self.spool.pending
+            log.warning("predlog_left_in_spool", entries=left, error=str(exc) or "timeout")
 
     def lag(self) -> int:
         pending = self.spool.pending if self.writer is not None else 0
@@ -183,7 +202,11 @@ class PredictionLog:
                 )
             except StreamUnavailable as exc:
                 self._mark_down(exc)
-            except Exception:  # a bug, say: the entries stay spooled for a later replay
+            except (Exception, asyncio.CancelledError):
+                # A bug, say, or close() cancelling a write that may not have reached Redis
+                # (a connection still being set up): its lines go by replay, and so do the
+                # later lines of their segments, which must not reach Redis first (the
+                # segment's mark would pass the lost lines).
                 self._settle(batch, confirmed=False)
                 raise
             else:

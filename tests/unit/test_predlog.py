@@ -3,6 +3,7 @@ writer's spool-then-replay path against an in-memory StreamWriter double."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -141,10 +142,9 @@ async def test_full_buffer_spills_to_the_spool_without_waiting(tmp_path: Path) -
         metrics.registry.get_sample_value("prediction_log_spooled_total", {"reason": "buffer_full"})
         == 3
     )
-    await plog.close()  # the buffered two reach the stream; the segment stays for a replay
-    assert [e["request_id"] for e in stream.entries] == ["r0", "r1"]
-    assert len(plog.spool.segments()) == 1
-    assert await plog.replay() == 3  # r2..r4; r0 and r1 are deduped
+    # The buffered two reach the stream, then the spooled three by the replay close() runs
+    # while Redis answers: the spool may not outlive the process (a pod's emptyDir).
+    await plog.close()
     assert sorted(e["request_id"] for e in stream.entries) == [f"r{i}" for i in range(5)]
     assert plog.spool.segments() == []
 
@@ -270,3 +270,59 @@ def test_sampling_follows_the_rate() -> None:
 def test_bad_policies_are_refused(spec: Any) -> None:
     with pytest.raises(PolicyError):
         LogPolicies.from_settings({"toy": spec})
+
+
+class StalledStream(MemoryStream):
+    """A stream whose first write never reaches Redis until let go: a connection being set
+    up (at start, after a blip, in a TLS or AUTH handshake) when SIGTERM comes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalled = asyncio.Event()
+        self._first = True
+
+    async def write(
+        self, entries: Sequence[Mapping[str, Any]], positions: Sequence[Position] | None = None
+    ) -> int:
+        if self._first:
+            self._first = False
+            self.stalled.set()
+            await asyncio.Event().wait()  # cancelled by close(): nothing was written
+        return await super().write(entries, positions)
+
+
+async def test_a_write_cancelled_by_close_is_replayed_not_overtaken(tmp_path: Path) -> None:
+    """close() cancels the writer in the middle of a write that has not reached Redis. The
+    lines after it must not reach Redis first: the segment's mark would pass the lost lines,
+    and a replay would take them for written."""
+    stream = StalledStream()
+    plog = PredictionLog(spool=Spool(tmp_path), metrics=Metrics(), writer=stream)  # type: ignore[arg-type]
+    await plog.start()
+    for i in range(5):
+        plog.record(entry(i))
+    await asyncio.wait_for(stream.stalled.wait(), 5)
+    for i in range(5, 10):
+        plog.record(entry(i))
+    await plog.close()
+    again = PredictionLog(spool=Spool(tmp_path), metrics=Metrics(), writer=stream)  # type: ignore[arg-type]
+    again.spool.open()
+    await again.replay()
+    assert sorted(e["request_id"] for e in stream.entries) == sorted(f"r{i}" for i in range(10))
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2])
+async def test_close_right_after_a_record_does_not_hang(tmp_path: Path, turns: int) -> None:
+    """Python 3.11's wait_for swallows a cancel that lands as the awaited event fires: the
+    writer idling for an entry kept running, and close() awaited it forever."""
+    stream = MemoryStream()
+    plog = PredictionLog(spool=Spool(tmp_path), metrics=Metrics(), writer=stream)  # type: ignore[arg-type]
+    await plog.start()
+    for _ in range(5):
+        await asyncio.sleep(0)  # the writer idles in take(), waiting for an entry
+    plog.record(entry(1))
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    closing = asyncio.create_task(plog.close())
+    done, _ = await asyncio.wait([closing], timeout=5)
+    assert done, "close() hung: the writer task ignored its cancellation"
+    assert [e["request_id"] for e in stream.entries] == ["r1"]
