@@ -111,6 +111,9 @@ class _Planned:
     row: np.ndarray
     input_hash: str  # field of the prediction log
     deadline: Deadline  # the request's own (a batch's items each keep theirs)
+    #: The row's feature names, from the table it was planned on: a reload meanwhile may
+    #: retire the version, and the sampled payload must not turn an answer into a 404.
+    features: tuple[str, ...] = ()
 
 
 class InferenceService:
@@ -256,7 +259,9 @@ class InferenceService:
         # Inline features need no await: a coroutine per request costs more than the step.
         features = await self._features(req, deadline) if req.feature_refs else req.features
         row = schema.vectorize(features)
-        return _Planned(req, route, target, arm, row, input_hash(target, row), deadline)
+        return _Planned(
+            req, route, target, arm, row, input_hash(target, row), deadline, schema.features
+        )
 
     async def predict(self, req: PredictRequest) -> Prediction:
         answer = (await self.predict_batch([req]))[0]
@@ -402,9 +407,8 @@ class InferenceService:
             "protocol": "v1",
         }  # fmt: skip
         if policy.sampled(self.log_policies.rand):
-            names = self.catalog.schema(p.target.model, p.target.version).features
             entry["payload"] = {
-                "features": dict(zip(names, p.row.tolist(), strict=True)),
+                "features": dict(zip(p.features, p.row.tolist(), strict=True)),
                 "context": dict(p.request.context),
             }
         with self._record_span(entry):
