@@ -1,17 +1,28 @@
-"""Triton datatypes <-> numpy, and the length-prefixed BYTES wire format (shared by gRPC raw
-contents and the OIP binary-tensor extension)."""
+"""Triton datatypes <-> numpy, the length-prefixed BYTES wire format (shared by gRPC raw
+contents and the OIP binary-tensor extension), and which request parameters travel on to the
+model server (shared by both transports to Triton)."""
 
 from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from gateway.errors import ClientError
 from gateway.types import Tensor
 
-__all__ = ["Tensor", "from_bytes", "numpy_dtype", "to_bytes", "triton_datatype"]
+__all__ = [
+    "GATEWAY_PARAMETERS",
+    "Tensor",
+    "backend_parameters",
+    "from_bytes",
+    "numpy_dtype",
+    "to_bytes",
+    "triton_datatype",
+]
 
 _TO_NUMPY: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -27,8 +38,26 @@ _TO_NUMPY: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
     "BYTES": np.dtype(np.object_),
+    # numpy has no bfloat16 (ml_dtypes is not a dependency): a BF16 tensor holds its raw bits
+    # as uint16, which is all the gateway does with it (bytes in, bytes out).
+    "BF16": np.dtype("<u2"),
 }
-_FROM_NUMPY = {v.str if v.kind != "O" else "O": k for k, v in _TO_NUMPY.items()}
+#: numpy -> Triton: uint16 arrays are UINT16 (BF16 ones are only ever named so explicitly).
+_FROM_NUMPY = {v.str if v.kind != "O" else "O": k for k, v in _TO_NUMPY.items() if k != "BF16"}
+
+#: Request parameters the gateway itself answers for, never sent on to the model server as
+#: the client sent them: the routing inputs (entity_id, segment), the REST response's
+#: encoding (binary_data_output), and timeout and priority, which the backends set from the
+#: request's deadline and its planned priority.
+GATEWAY_PARAMETERS = frozenset(
+    {"entity_id", "segment", "binary_data_output", "timeout", "priority"}
+)
+
+
+def backend_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The client's request parameters a model server gets: all but GATEWAY_PARAMETERS, each
+    with its own value and type (sequence_id, sequence_start, sequence_end, custom ones)."""
+    return {k: v for k, v in parameters.items() if k not in GATEWAY_PARAMETERS}
 
 
 def numpy_dtype(datatype: str) -> np.dtype:

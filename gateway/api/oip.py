@@ -17,7 +17,13 @@ from aiohttp import web
 from gateway.api.keys import LOG_FIELDS, REQUEST_ID, SERVICE, SETTINGS
 from gateway.api.middleware import json_response
 from gateway.api.v2_codec import DecodeLimits, check_parameters, decode_rest, encode_rest
-from gateway.errors import InvalidDeadline, NotReady, PayloadTooLarge, SwitchyardError
+from gateway.errors import (
+    InvalidDeadline,
+    InvalidParameter,
+    NotReady,
+    PayloadTooLarge,
+    SwitchyardError,
+)
 
 routes = web.RouteTableDef()
 
@@ -74,6 +80,7 @@ async def infer(request: web.Request) -> web.Response:
     entity = request.headers.get(ENTITY_HEADER)
     if entity is not None and "entity_id" not in req.parameters:  # the body's wins
         check_parameters({"entity_id": entity}, limits, f"{ENTITY_HEADER} header: ")
+        check_header_text(entity, ENTITY_HEADER)
         req = dataclasses.replace(req, parameters={**req.parameters, "entity_id": entity})
     request[LOG_FIELDS].update(model=model, version=version or "latest")
     context = {"deadline_ms": deadline_ms} if deadline_ms is not None else {}
@@ -119,6 +126,18 @@ async def _control(
     """A control-plane read of the backend's, as JSON, under the control timeout."""
     model, version = _model_and_version(request)
     return json_response(await call(model, version, request.app[SERVICE].control_timeout_s))
+
+
+def check_header_text(value: str, header: str) -> None:
+    """A header value that becomes an id must be printable text. aiohttp decodes header bytes
+    as UTF-8 with surrogateescape, so bytes that are not UTF-8 arrive as lone surrogates: they
+    pass every length check, then fail wherever the id is encoded (the prediction log's hash),
+    after the model has run. Control characters (a tab) are refused with them."""
+    if not value.isprintable():  # lone surrogates (category Cs) are not printable either
+        raise InvalidParameter(
+            f"{header} must be printable UTF-8 text",
+            details={"field": header},
+        )
 
 
 def parse_deadline_ms(raw: str | None, max_ms: int) -> float | None:

@@ -45,7 +45,12 @@ DATATYPES: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
     "BYTES": np.dtype(np.object_),
+    # numpy has no bfloat16 (ml_dtypes is not a dependency): its raw bits, which is all the
+    # gateway moves. Raw only, as Triton takes it; JSON numbers for it are refused (_RAW_ONLY).
+    "BF16": np.dtype("<u2"),
 }
+#: Datatypes that travel as raw bytes only: REST's binary extension, gRPC's raw contents.
+_RAW_ONLY = frozenset({"BF16"})
 #: Python types a JSON (or typed-proto) element may have, per kind of datatype.
 # (BYTES: str from JSON, bytes from typed proto contents; never a number, which
 # `bytes(n)` would turn into n zero bytes.)
@@ -56,11 +61,16 @@ _ELEMENT_TYPES: dict[str, set[type]] = {
     "f": {int, float},
     "O": {str, bytes},
 }
-#: Request parameters the core reads, with the type each must have.
+#: Request parameters the core reads, or Triton does, with the types each may have (exact
+#: types: a bool is not an int here). Triton refuses the sequence ones otherwise too, but only
+#: after a round trip; they travel on to Triton (`gateway.tensors.backend_parameters`).
 _KNOWN_PARAMETERS: dict[str, tuple[type, ...]] = {
     "entity_id": (str,),
     "segment": (str,),
     "priority": (int,),
+    "sequence_id": (int, str),
+    "sequence_start": (bool,),
+    "sequence_end": (bool,),
 }
 _LEN = struct.Struct("<I")
 _FLOAT_MAX = {2: float(np.finfo(np.float16).max), 4: float(np.finfo(np.float32).max)}
@@ -131,13 +141,14 @@ def check_datatype(value: Any, name: str) -> np.dtype:
 
 
 def check_shape(value: Any, name: str, limits: DecodeLimits) -> tuple[int, ...]:
-    """A concrete shape (no -1), at most max_dims long, with at most max_elements elements."""
+    """A concrete shape (no -1), at most max_dims long, with at most max_elements elements,
+    and whose non-zero dimensions multiply to at most max_elements too."""
     if not isinstance(value, list | tuple) or len(value) > limits.max_dims:
         raise InvalidTensor(
             f"input {name!r}: shape must be a list of at most {limits.max_dims} dimensions",
             details={"input": name, "field": "shape"},
         )
-    count = 1
+    count = extent = 1
     for d in value:
         if type(d) is not int or d < 0:
             raise InvalidTensor(
@@ -145,11 +156,22 @@ def check_shape(value: Any, name: str, limits: DecodeLimits) -> tuple[int, ...]:
                 details={"input": name, "field": "shape"},
             )
         count *= d
+        extent *= d or 1
     if count > limits.max_elements:
         raise PayloadTooLarge(
             f"input {name!r}: shape {list(value)} declares {count} elements, over the limit "
             f"of {limits.max_elements}",
             details={"input": name, "limit": limits.max_elements},
+        )
+    # A zero makes the count 0 whatever the other dimensions say, but numpy still multiplies
+    # those (times the itemsize) into an intp, and refuses [0, 2**62, 2**62] with a
+    # ValueError. So they are bounded as the count is: an honest empty batch keeps the
+    # other dimensions of a tensor within the limits.
+    if extent > limits.max_elements:
+        raise InvalidTensor(
+            f"input {name!r}: shape {list(value)} has dimensions over the element limit of "
+            f"{limits.max_elements}",
+            details={"input": name, "field": "shape", "limit": limits.max_elements},
         )
     return tuple(value)
 
@@ -196,9 +218,10 @@ def check_parameters(value: Any, limits: DecodeLimits, where: str) -> dict[str, 
                 details={"field": f"{where}parameters.{key[:64]}"},
             )
         wanted = _KNOWN_PARAMETERS.get(key)
-        if wanted is not None and (not isinstance(v, wanted) or isinstance(v, bool)):
+        if wanted is not None and type(v) not in wanted:
             raise InvalidParameter(
-                f"{where}parameter {key!r} must be of type {wanted[0].__name__}",
+                f"{where}parameter {key!r} must be of type "
+                f"{' or '.join(t.__name__ for t in wanted)}",
                 details={"field": f"{where}parameters.{key}"},
             )
     return value
@@ -221,7 +244,7 @@ def tensor_from_raw(
                 details={"input": name},
             )
         budget.spend(name, count, len(raw))
-        return Tensor(name, datatype, np.frombuffer(raw, dtype=dtype).reshape(shape))
+        return Tensor(name, datatype, _reshape(np.frombuffer(raw, dtype=dtype), shape, name))
     if count * _LEN.size > len(raw):  # each element needs its 4-byte length at least
         raise InvalidTensor(f"input {name!r}: truncated BYTES data", details={"input": name})
     budget.spend(name, count, len(raw))
@@ -237,7 +260,7 @@ def tensor_from_raw(
         pos = end
     if pos != len(raw):
         raise InvalidTensor(f"input {name!r}: trailing BYTES data", details={"input": name})
-    return Tensor(name, datatype, _object_array(items, shape))
+    return Tensor(name, datatype, _object_array(items, shape, name))
 
 
 def tensor_from_elements(
@@ -271,9 +294,9 @@ def tensor_from_elements(
                 f"input {name!r}: BYTES element is not valid UTF-8", details={"input": name}
             ) from None
         budget.spend(name, count, sum(map(len, items)))
-        return Tensor(name, datatype, _object_array(items, shape))
+        return Tensor(name, datatype, _object_array(items, shape, name))
     budget.spend(name, count, count * dtype.itemsize)
-    return Tensor(name, datatype, _numeric_array(name, dtype, flat).reshape(shape))
+    return Tensor(name, datatype, _reshape(_numeric_array(name, dtype, flat), shape, name))
 
 
 def _numeric_array(name: str, dtype: np.dtype, flat: list[Any]) -> np.ndarray:
@@ -301,10 +324,22 @@ def _numeric_array(name: str, dtype: np.dtype, flat: list[Any]) -> np.ndarray:
         ) from None
 
 
-def _object_array(items: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
+def _object_array(items: list[bytes], shape: tuple[int, ...], name: str) -> np.ndarray:
     arr = np.empty(len(items), dtype=np.object_)
     arr[:] = items
-    return arr.reshape(shape)
+    return _reshape(arr, shape, name)
+
+
+def _reshape(arr: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """``arr.reshape(shape)``, numpy's refusal a 400: check_shape should have refused any
+    shape numpy cannot build, and this keeps a gap there a client error, never a 500."""
+    try:
+        return arr.reshape(shape)
+    except ValueError as exc:
+        raise InvalidTensor(
+            f"input {name!r}: shape {list(shape)} cannot be built: {exc}",
+            details={"input": name, "field": "shape"},
+        ) from None
 
 
 # -- REST: JSON header and binary-tensor extension -----------------------------------------
@@ -392,6 +427,12 @@ def _rest_inputs(specs: Any, binary: memoryview, limits: DecodeLimits) -> tuple[
             offset += size
             tensors.append(tensor_from_raw(name, spec["datatype"], dtype, shape, raw, budget))
         elif "data" in spec:
+            if spec["datatype"] in _RAW_ONLY:
+                raise InvalidTensor(
+                    f"input {name!r}: {spec['datatype']} travels as binary data only (the "
+                    "binary tensor extension), not as JSON numbers",
+                    details={"input": name},
+                )
             flat = _flatten(spec["data"], shape, name)
             tensors.append(tensor_from_elements(name, spec["datatype"], dtype, shape, flat, budget))
         else:
@@ -465,7 +506,9 @@ def encode_rest(
         if t is None:
             continue
         entry: dict[str, Any] = {"name": name, "datatype": t.datatype, "shape": t.shape}
-        if want.binary.get(name, want.binary_default):
+        # JSON has no numbers for a raw-only datatype (Triton refuses to write them): binary,
+        # which every OIP client reads whatever it asked for.
+        if t.datatype in _RAW_ONLY or want.binary.get(name, want.binary_default):
             raw = to_bytes(t)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)

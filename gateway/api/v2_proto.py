@@ -25,11 +25,12 @@ from gateway.api.v2_codec import (
     tensor_from_raw,
 )
 from gateway.backends.base import InferRequest, InferResponse
+from gateway.backends.triton import set_parameter
 from gateway.errors import ClientError, InvalidField, InvalidParameter, InvalidTensor
 from gateway.tensors import Tensor, to_bytes
 
 #: The typed `InferTensorContents` field each datatype is sent in (FP16 and BF16 have none:
-#: they travel raw only).
+#: they travel raw only, and typed contents for them are refused).
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents",
     "INT8": "int_contents",
@@ -44,7 +45,6 @@ _CONTENTS_FIELD = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-_INT64_MAX = 2**63 - 1
 
 
 def parameters_from_proto(
@@ -126,19 +126,6 @@ def decode_proto(
     return InferRequest(
         model, msg.model_version, tuple(tensors), tuple(outputs), msg.id or request_id, params
     )
-
-
-def set_parameter(param: service_pb2.InferParameter, value: Scalar) -> None:
-    if isinstance(value, bool):  # before int: bool is an int
-        param.bool_param = value
-    elif isinstance(value, int) and -_INT64_MAX - 1 <= value <= _INT64_MAX:
-        param.int64_param = value
-    elif isinstance(value, int) and 0 <= value < 2**64:
-        param.uint64_param = value
-    elif isinstance(value, float):
-        param.double_param = value
-    else:
-        param.string_param = str(value)
 
 
 def encode_proto(

@@ -28,7 +28,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from gateway.backends.triton_errors import classify
 from gateway.backends.triton_http import HttpInfer
 from gateway.clock import Clock, monotonic
-from gateway.tensors import from_bytes, to_bytes
+from gateway.tensors import backend_parameters, from_bytes, to_bytes
 from gateway.tracing import Tracing
 from gateway.types import Deadline, InferRequest, InferResponse
 
@@ -40,6 +40,7 @@ _INT64_TYPES = {
     FieldDescriptor.TYPE_FIXED64,
     FieldDescriptor.TYPE_SFIXED64,
 }
+_INT64_MAX = 2**63 - 1
 
 
 @contextmanager
@@ -65,10 +66,35 @@ def proto_to_json(msg: Message) -> dict[str, Any]:
 def _field_value(fd: FieldDescriptor, value: Any) -> Any:
     if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
         vfd = fd.message_type.fields_by_name["value"]
-        return {k: _scalar(vfd, v) for k, v in value.items()}
+        return {_map_key(k): _scalar(vfd, v) for k, v in value.items()}
     if fd.label == FieldDescriptor.LABEL_REPEATED:
         return [_scalar(fd, v) for v in value]
     return _scalar(fd, value)
+
+
+def _map_key(key: Any) -> str:
+    """A map key as protobuf's JSON mapping (and Triton) writes it: always a string. Integer
+    keys (dynamic_batching.priority_queue_policy is a map<uint64, ...>) would make the
+    REST answer unserialisable: JSON object keys are strings."""
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    return str(key)
+
+
+def set_parameter(param: Any, value: Any) -> None:
+    """A Python scalar into an InferParameter, in the kind Triton takes for it: bool, int64
+    (uint64 only past int64's range: Triton takes no uint64 for sequence or custom
+    parameters), double, else string."""
+    if isinstance(value, bool):  # before int: bool is an int
+        param.bool_param = value
+    elif isinstance(value, int) and -_INT64_MAX - 1 <= value <= _INT64_MAX:
+        param.int64_param = value
+    elif isinstance(value, int) and 0 <= value < 2**64:
+        param.uint64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    else:
+        param.string_param = str(value)
 
 
 def _scalar(fd: FieldDescriptor, value: Any) -> Any:
@@ -192,6 +218,10 @@ class TritonBackend:
         msg = service_pb2.ModelInferRequest(
             model_name=request.model, model_version=request.version, id=request.request_id
         )
+        # The client's own parameters first (sequence_id/_start/_end for stateful models,
+        # custom ones for the model), each in the kind its value has; then the gateway's.
+        for key, value in backend_parameters(request.parameters).items():
+            set_parameter(msg.parameters[key], value)
         # Triton gets the time left too (microseconds), so a request that can no longer be
         # answered in time is dropped from its queue instead of computed for nobody.
         msg.parameters["timeout"].int64_param = max(1, int(timeout_s * 1e6))

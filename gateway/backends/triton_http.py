@@ -33,7 +33,7 @@ import orjson
 from gateway import errors
 from gateway.backends.triton_errors import HTTP_STATUS_CODES, classify
 from gateway.clock import Clock, monotonic
-from gateway.tensors import from_bytes, to_bytes
+from gateway.tensors import backend_parameters, from_bytes, to_bytes
 from gateway.types import InferRequest, InferResponse
 
 #: An answer's head larger than this is not Triton's (a few hundred bytes in practice).
@@ -254,8 +254,11 @@ class HttpInfer:
         request: InferRequest, timeout_s: float, headers: Sequence[tuple[str, str]]
     ) -> bytes:
         raws = [to_bytes(t) for t in request.inputs]
-        params: dict[str, Any] = {"binary_data_output": True,
-                                  "timeout": max(1, int(timeout_s * 1e6))}  # fmt: skip
+        # The client's own parameters (sequence_id/_start/_end, custom ones) with their JSON
+        # types, then the gateway's, which the client's never replace.
+        params: dict[str, Any] = backend_parameters(request.parameters)
+        params["binary_data_output"] = True
+        params["timeout"] = max(1, int(timeout_s * 1e6))
         if request.priority > 0:
             params["priority"] = request.priority
         head: dict[str, Any] = {

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import grpc
+import ml_dtypes  # tritonclient's own dependency: its BF16 arrays
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as grpcclient
@@ -269,3 +270,52 @@ async def test_grpc_calls_need_a_key_with_the_scope_when_auth_is_on(
         assert res.as_numpy("score").shape == (2, 1)
     finally:
         await c.close()
+
+
+async def test_a_zero_sized_shape_with_huge_dimensions_is_invalid_argument(
+    address: str, backend
+) -> None:
+    """0 elements whatever the other dimensions say: numpy's reshape refused it with a
+    ValueError, which came back INTERNAL."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        msg = service_pb2.ModelInferRequest(model_name="toy")
+        msg.inputs.add(name="features", datatype="FP32", shape=[0, 2**62, 2**62])
+        msg.raw_input_contents.append(b"")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(msg, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (CODE_METADATA, "invalid_tensor") in tuple(info.value.trailing_metadata())
+    assert backend.calls == []
+
+
+def _echo(inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {f"OUT_{k}": Tensor(f"OUT_{k}", t.datatype, t.data) for k, t in inputs.items()}
+
+
+async def test_bf16_travels_raw_both_ways(client, backend) -> None:
+    """BF16 as Triton takes it over gRPC: raw_input_contents, 2 bytes an element, and back
+    in raw_output_contents bit for bit (stock tritonclient uses ml_dtypes.bfloat16)."""
+    backend.models["toy"].fn = _echo
+    x = np.array([[1.5, -2.0, 3.0e38]], dtype=ml_dtypes.bfloat16)
+    inp = grpcclient.InferInput("x", list(x.shape), "BF16")
+    inp.set_data_from_numpy(x)
+    res = await client.infer("toy", [inp])
+    out = res.as_numpy("OUT_x")
+    assert out.dtype == ml_dtypes.bfloat16 and out.tobytes() == x.tobytes()
+    sent = backend.calls[-1].inputs[0]
+    assert (sent.datatype, sent.data.shape, sent.data.tobytes()) == ("BF16", (1, 3), x.tobytes())
+
+
+async def test_bf16_in_typed_contents_is_invalid_argument(address: str, backend) -> None:
+    """BF16 has no typed contents field; fp32_contents for it would be a silent
+    reinterpretation, so it is refused as FP16's is."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        msg = service_pb2.ModelInferRequest(model_name="toy")
+        spec = msg.inputs.add(name="x", datatype="BF16", shape=[2])
+        spec.contents.fp32_contents.extend([1.5, -2.0])
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(msg, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert backend.calls == []

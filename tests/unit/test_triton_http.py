@@ -177,3 +177,60 @@ async def test_the_request_carries_timeout_priority_id_and_binary_sizes(server) 
     srv.close()
     await srv.wait_closed()
     await http.close()
+
+
+async def capture_one(reply: bytes) -> tuple[asyncio.Server, HttpInfer, list[bytes]]:
+    """A server that records one request (head, body) and answers ``reply``."""
+    seen: list[bytes] = []
+
+    async def capture(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[-1].split(b"\r\n")[0])
+        seen.extend((head, await reader.readexactly(length)))
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(capture, "127.0.0.1", 0)
+    return srv, HttpInfer(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}", "t"), seen
+
+
+async def test_the_clients_parameters_ride_along_with_their_json_types() -> None:
+    """Sequence and custom parameters reach Triton; the gateway's own (entity_id, segment,
+    binary_data_output) do not, and timeout and priority are the gateway's."""
+    srv, http, seen = await capture_one(answer())
+    params = {"sequence_id": "s-1", "sequence_start": True, "sequence_end": False,
+              "temperature": 0.5, "n": 3, "entity_id": "e", "segment": "eu",
+              "binary_data_output": False, "timeout": 10**9, "priority": 9}  # fmt: skip
+    req = InferRequest("toy", "2", (Tensor("features", "FP32", ROW),), ("score",), "r8",
+                       params, priority=2)  # fmt: skip
+    await http.infer(req, 0.5)
+    head, body = seen
+    n = int(head.lower().split(b"inference-header-content-length:")[1].split(b"\r\n")[0])
+    sent = orjson.loads(body[:n])["parameters"]
+    assert 0 < sent.pop("timeout") <= 500_000
+    assert sent == {"binary_data_output": True, "priority": 2, "sequence_id": "s-1",
+                    "sequence_start": True, "sequence_end": False, "temperature": 0.5,
+                    "n": 3}  # fmt: skip
+    srv.close()
+    await srv.wait_closed()
+    await http.close()
+
+
+async def test_a_bf16_output_decodes_to_its_raw_bits() -> None:
+    bits = np.array([[0x3FC0, 0xC000]], "<u2")  # 1.5 and -2.0 in bfloat16
+    raw = bits.tobytes()
+    head = orjson.dumps({"model_name": "toy", "model_version": "2", "outputs": [
+        {"name": "y", "datatype": "BF16", "shape": [1, 2],
+         "parameters": {"binary_data_size": len(raw)}}]})  # fmt: skip
+    reply = (
+        b"HTTP/1.1 200 OK\r\nInference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n"
+        b"%s%s" % (len(head), len(head) + len(raw), head, raw)
+    )
+    srv, http, _ = await capture_one(reply)
+    resp = await http.infer(request(), 0.5)
+    y = resp.outputs["y"]
+    assert (y.datatype, y.shape, y.data.tobytes()) == ("BF16", [1, 2], raw)
+    srv.close()
+    await srv.wait_closed()
+    await http.close()

@@ -168,7 +168,7 @@ def proto_request(draw: st.DrawFn) -> service_pb2.ModelInferRequest:
     raw = draw(st.booleans())
     names = st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3, unique=True)
     for name in draw(mostly(names, st.lists(st.sampled_from(["a", ""]), max_size=3))):
-        datatype = draw(mostly(st.sampled_from(NAMES), st.sampled_from(["FP8", "", "BF16"])))
+        datatype = draw(mostly(st.sampled_from(NAMES), st.sampled_from(["FP8", "", "bf16"])))
         shape = draw(mostly(SANE_SHAPES, st.lists(st.integers(-(2**62), 2**62), max_size=9)))
         spec = msg.inputs.add(name=name, datatype=datatype, shape=shape)
         count = math.prod(shape) if all(d >= 0 for d in shape) else 0
@@ -258,3 +258,22 @@ def test_grpc_proto_decodes_or_is_4xx(msg: service_pb2.ModelInferRequest) -> Non
         return req
 
     decodes_or_4xx(decode, msg.ByteSize())
+
+
+@PROPS
+@given(st.lists(st.integers(0, 2**16 - 1), max_size=16), st.booleans())
+def test_bf16_raw_contents_decode_bit_for_bit(bits: list[int], over_grpc: bool) -> None:
+    """BF16 (any 16 bits: NaNs, infinities, subnormals) is carried, never converted."""
+    raw = np.array(bits, "<u2").tobytes()
+    if over_grpc:
+        msg = service_pb2.ModelInferRequest(model_name="m")
+        msg.inputs.add(name="x", datatype="BF16", shape=[len(bits)])
+        msg.raw_input_contents.append(raw)
+        req = decode_proto(msg, LIMITS)
+    else:
+        spec = {"name": "x", "datatype": "BF16", "shape": [len(bits)],
+                "parameters": {"binary_data_size": len(raw)}}  # fmt: skip
+        head = orjson.dumps({"inputs": [spec]})
+        req, _ = decode_rest("m", "", head + raw, str(len(head)), LIMITS)
+    t = req.inputs[0]
+    assert (t.datatype, t.shape, t.data.tobytes()) == ("BF16", [len(bits)], raw)

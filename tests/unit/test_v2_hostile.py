@@ -3,6 +3,7 @@ decided before any large allocation, and never reaches the backend (issue 11, it
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tracemalloc
 from pathlib import Path
@@ -12,9 +13,17 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.api.v2_codec import RestOutputs, encode_rest
+from gateway.api.v2_codec import (
+    Budget,
+    DecodeLimits,
+    RestOutputs,
+    encode_rest,
+    tensor_from_elements,
+    tensor_from_raw,
+)
 from gateway.app import build_app
 from gateway.backends.base import InferResponse
+from gateway.errors import InvalidTensor
 from gateway.tensors import Tensor
 from tests.unit.fake_backend import FakeBackend
 from tests.unit.fakes import toy_backend, write_repo
@@ -243,3 +252,69 @@ async def test_a_non_finite_feature_row_is_400_and_never_reaches_the_model(
     assert (status, body["code"]) == (400, "non_finite_input")
     assert "row 0" in body["error"]
     assert backend.calls == []
+
+
+# A zero makes the element count 0 whatever the other dimensions are, so the count alone
+# let these through to numpy, whose reshape raised ValueError: a 500 instead of a 400.
+ZERO_SIZED_HUGE = [[0, 2**62, 2**62], [0, 2**63], [0] + [2**16] * 5]
+
+
+@pytest.mark.parametrize("shape", ZERO_SIZED_HUGE, ids=str)
+async def test_a_zero_sized_shape_with_huge_dimensions_is_400(
+    client: TestClient, backend, shape: list[int]
+) -> None:
+    status, got = await post(client, with_input(shape=shape, data=[]))
+    assert (status, got["code"]) == (400, "invalid_tensor"), got
+    status, got = await post(client, *fp32_binary(shape, 0))
+    assert (status, got["code"]) == (400, "invalid_tensor"), got
+    assert backend.calls == []
+
+
+def test_a_shape_numpy_cannot_build_is_invalid_tensor_not_value_error() -> None:
+    """The decoders' backstop, should a shape get past check_shape: numpy's ValueError
+    becomes the client's 400, never a 500."""
+    limits = DecodeLimits.for_body(1 << 20)
+    shape = (0, 2**62, 2**62)
+    with pytest.raises(InvalidTensor):
+        tensor_from_raw("x", "FP32", np.dtype("<f4"), shape, memoryview(b""), Budget(limits))
+    with pytest.raises(InvalidTensor):
+        tensor_from_elements("x", "FP32", np.dtype("<f4"), shape, [], Budget(limits))
+    with pytest.raises(InvalidTensor):
+        tensor_from_raw("x", "BYTES", np.dtype(object), shape, memoryview(b""), Budget(limits))
+
+
+async def raw_post(client: TestClient, extra: bytes, body: bytes) -> tuple[int, dict[str, Any]]:
+    """A request sent byte for byte: aiohttp's client refuses header values that are not
+    text, and those are what this checks."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(
+            b"POST " + URL.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + extra + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        )  # fmt: skip
+        await writer.drain()
+        data = await reader.read()
+    finally:
+        writer.close()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    return int(head[9:12]), json.loads(payload)
+
+
+@pytest.mark.parametrize("value", [b"\xff\xfe", b"e\xc3", b"a\tb"], ids=repr)
+async def test_an_entity_header_that_is_not_utf8_text_is_400_before_the_model_runs(
+    client: TestClient, backend, value: bytes
+) -> None:
+    """aiohttp decodes header bytes with surrogateescape: the value got past the length
+    check, the model ran, and only the prediction log's hash failed on it, a 500 for an
+    answer computed and never logged."""
+    status, got = await raw_post(client, b"X-Entity-ID: " + value + b"\r\n",
+                                 json.dumps(with_input()).encode())  # fmt: skip
+    assert (status, got["code"]) == (400, "invalid_parameter"), got
+    assert backend.calls == []
+
+
+async def test_a_utf8_entity_header_reaches_the_core(client: TestClient, backend) -> None:
+    status, got = await raw_post(client, "X-Entity-ID: café\r\n".encode(),
+                                 json.dumps(with_input()).encode())  # fmt: skip
+    assert status == 200, got
+    assert backend.calls[-1].parameters == {"entity_id": "café"}
