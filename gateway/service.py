@@ -42,6 +42,7 @@ from gateway.predlog.redaction import LogPolicies, LogPolicy
 from gateway.resilience.fallback import input_digests
 from gateway.routing.shadow import Primary, ShadowDispatcher
 from gateway.routing.table import Route, RouteTable, RouteTableRef
+from gateway.tensors import backend_parameters
 from gateway.tracing import NOOP, Tracing, span
 from gateway.types import CallPolicy, Deadline, InferRequest, InferResponse, Target, Tensor
 
@@ -468,9 +469,14 @@ class InferenceService:
             arm = "explicit" if route is not None else "direct"
         schema = table.catalog.find(target.model, target.version) if target.version else None
         policy = self._policy(table, route, target) if route is not None else None
-        batchable = schema is not None and schema.fits(request)
-        if schema is not None and batchable:
+        # Rows are independent unless the client's parameters say otherwise: a sequence's
+        # rows (sequence_id, ...) or a custom parameter the model reads must neither share
+        # a merged call (it goes under one member's parameters) nor be answered per row
+        # from the cache.
+        fits = schema is not None and schema.fits(request)
+        if schema is not None and fits:
             schema.check_finite(request)
+        batchable = fits and not backend_parameters(params)
         planned = InferRequest(
             target.model,
             target.version,

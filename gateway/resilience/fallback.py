@@ -34,7 +34,7 @@ from gateway.errors import DeadlineExceeded, SwitchyardError
 from gateway.metrics import Metrics
 from gateway.resilience.cache import CachedAnswer, PredictionCache, serves
 from gateway.stats import p99
-from gateway.tensors import numpy_dtype, to_bytes
+from gateway.tensors import backend_parameters, numpy_dtype, to_bytes
 from gateway.tracing import Tracing, span
 from gateway.types import CallPolicy, Deadline, InferRequest, InferResponse, Target, Tensor
 
@@ -173,7 +173,10 @@ class FallbackLadder:
         if route is None:  # a model without a route: no ladder, nothing cached
             return await self.inner.infer(request, deadline)
         keys: Sequence[str] | None = None
-        if route.response_cache_ttl_s > 0:  # deterministic models only, per route
+        # A stateful call (a sequence's step) or one a custom parameter shapes is no input's
+        # fixed answer: the caches neither serve nor keep it.
+        cacheable = not backend_parameters(request.parameters)
+        if route.response_cache_ttl_s > 0 and cacheable:  # deterministic models, per route
             keys = cache_keys(request)
             hit = await self._from_cache(request, keys, deadline.remaining() / 4)
             if hit is not None:
@@ -182,7 +185,9 @@ class FallbackLadder:
         error: SwitchyardError | None = None  # built only when needed
         if reason is None:
             try:
-                return await self._primary(request, keys, self._primary_deadline(route, deadline))
+                return await self._primary(
+                    request, keys, self._primary_deadline(route, deadline), cacheable
+                )
             except SwitchyardError as exc:
                 reason = exc.fallback_reason
                 if reason is None or not route.has_ladder:
@@ -194,11 +199,15 @@ class FallbackLadder:
         if reason == "latency":
             # Skipped for being slow, and no rung answered: a slow answer beats none, and
             # the primary may spend what is left (the ladder has nothing more to give).
-            return await self._primary(request, keys, deadline)
+            return await self._primary(request, keys, deadline, cacheable)
         raise error or DeadlineExceeded("no time left for the primary")
 
     async def _primary(
-        self, request: InferRequest, keys: Sequence[str] | None, deadline: Deadline
+        self,
+        request: InferRequest,
+        keys: Sequence[str] | None,
+        deadline: Deadline,
+        cacheable: bool = True,
     ) -> InferResponse:
         """The primary's answer, timed for the latency trigger and remembered in the cache."""
         route = request.policy
@@ -212,7 +221,7 @@ class FallbackLadder:
             raise
         self._trigger(request).observe(self.clock() - started)
         ttl = max(route.cache_ttl_s, route.response_cache_ttl_s)
-        if ttl > 0:
+        if ttl > 0 and cacheable:
             self._remember(request, keys or cache_keys(request), resp, ttl)
         return resp
 
@@ -254,7 +263,7 @@ class FallbackLadder:
                 resp = await self._fallback_model(route.fallback, request, deadline)
             if resp is not None:
                 return self._answered(resp, "fallback_model", reason, _rows(request))
-        if route.cache_ttl_s > 0:
+        if route.cache_ttl_s > 0 and not backend_parameters(request.parameters):
             with span(tracing, "rung cache", reason=reason):
                 hit = await self._from_cache(
                     request, keys or cache_keys(request), deadline.remaining(), rung="cache"

@@ -53,3 +53,21 @@ async def test_a_score_only_answer_does_not_stand_in_for_a_full_one(
     resp = await client.post("/v1/predict:batch", data=io.BytesIO(json.dumps(batch).encode()))
     assert resp.status == 200
     assert all(p["decision"] == "deny" for p in (await resp.json())["predictions"])
+
+
+async def test_a_sequence_step_is_neither_served_nor_kept_by_the_cache(
+    tmp_path: Path, aiohttp_client
+) -> None:
+    """A sequence's step (sequence_id, ...) answers from the model's state, not from its
+    input alone: two identical steps both reach the model."""
+    backend = toy_backend()
+    settings = write_repo(tmp_path, "cache: {ttl_s: 30}\n")
+    client = await aiohttp_client(build_app(settings, backend=backend))
+    body = {"parameters": {"sequence_id": 7},
+            "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 3],
+                        "data": [1, 2, 3]}]}  # fmt: skip
+    for _ in range(2):
+        resp = await client.post("/v2/models/toy/infer", data=io.BytesIO(json.dumps(body).encode()))
+        assert resp.status == 200, await resp.text()
+    steps = [c for c in backend.calls if c.parameters.get("sequence_id") == 7]
+    assert len(steps) == 2

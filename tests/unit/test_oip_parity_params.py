@@ -174,11 +174,6 @@ async def test_a_mistyped_sequence_parameter_is_400_before_triton(
     assert [m for m in triton[0].seen if m.id != "warm-probe"] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs gateway/batching.py: Coalescer.infer passes a request that carries "
-    "backend_parameters() straight through (see docs/oip.md, Request parameters)",
-)
 async def test_requests_with_sequence_parameters_are_never_merged(gateway, triton) -> None:
     """Merged rows travel under the first member's parameters: two sequences' rows must
     never share a call. Plain rows arriving together do (the control)."""
