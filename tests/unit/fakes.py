@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from aiohttp import web
 
+from gateway.api.limits import KEEPALIVE_TIMEOUT_S
+from gateway.app import build_app
 from gateway.config import Settings, load_settings
+from gateway.serving import app_runner
 from gateway.tensors import Tensor
 from tests.unit.fake_backend import FakeBackend, FakeModel
 
@@ -126,3 +131,21 @@ async def ladder_client(
     sink = ListSink()
     app[SERVICE].predlog = sink
     return await aiohttp_client(app), sink, pool
+
+
+@contextlib.asynccontextmanager
+async def served(
+    settings: Settings, keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
+) -> AsyncIterator[int]:
+    """The app (toy backend) behind the runner serve_one uses, aiohttp's protocol settings
+    included (the aiohttp_server fixture would not apply them), on a free port of 127.0.0.1."""
+    runner = app_runner(
+        build_app(settings, backend=toy_backend()), settings.server, keepalive_timeout_s
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()

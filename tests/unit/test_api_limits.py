@@ -10,7 +10,6 @@ import dataclasses
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from gateway.app import build_app
 from gateway.config import ServerSettings, Settings
 from gateway.errors import ClientError
 from gateway.serving import app_runner
-from tests.unit.fakes import toy_backend, write_repo
+from tests.unit.fakes import served, toy_backend, write_repo
 
 PREDICT = {"model_name": "toy", "features": [0.1, 0.2, 0.3]}
 
@@ -181,24 +180,6 @@ async def test_connections_past_the_cap_get_503_and_the_first_ones_keep_working(
             break
         await asyncio.sleep(0.02)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
-
-
-@contextlib.asynccontextmanager
-async def served(settings: Settings, keepalive_timeout_s: float) -> AsyncIterator[int]:
-    """The app behind serve_one's runner (its protocol settings: the aiohttp_server fixture
-    would not apply them) on a free port of 127.0.0.1."""
-    runner = app_runner(
-        build_app(settings, backend=toy_backend()),
-        settings.server,
-        keepalive_timeout_s=keepalive_timeout_s,
-    )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield runner.addresses[0][1]
-    finally:
-        await runner.cleanup()
 
 
 async def closed_within(reader: asyncio.StreamReader, within_s: float) -> bytes:

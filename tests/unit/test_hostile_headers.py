@@ -6,12 +6,10 @@ never repeats what the client sent, and never puts it in a log."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +21,13 @@ from gateway.app import build_app
 from gateway.config import AuthSettings, Settings
 from gateway.security.keys import KeyFile, KeyRecord, hash_key, new_key, write_key_file
 from gateway.serving import app_runner
-from tests.unit.fakes import toy_backend, write_repo
+from tests.unit.fakes import served, toy_backend, write_repo
 
 PREDICT = json.dumps({"model_name": "toy", "features": [0.1, 0.2, 0.3]}).encode()
 
 
 def with_server(settings: Settings, **server: Any) -> Settings:
     return dataclasses.replace(settings, server=dataclasses.replace(settings.server, **server))
-
-
-@contextlib.asynccontextmanager
-async def served(settings: Settings) -> AsyncIterator[int]:
-    """The app behind the runner serve_one uses (aiohttp's protocol settings included, which
-    the aiohttp_server fixture would not apply), on a free port of 127.0.0.1."""
-    runner = app_runner(build_app(settings, backend=toy_backend()), settings.server)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield runner.addresses[0][1]
-    finally:
-        await runner.cleanup()
 
 
 async def exchange(port: int, data: bytes) -> bytes:
