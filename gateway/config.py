@@ -302,7 +302,7 @@ class RolloutSettings:
     interval_s: float = 60.0
     #: Decision records: <record_dir>/<model>.jsonl, one JSON line per evaluation.
     record_dir: Path = Path("var/rollout")
-    #: Redis keys: <key_prefix>:lease|fence|written|audit:<model>.
+    #: Redis keys: <key_prefix>:lease|fence|written|since|audit:<model>.
     key_prefix: str = "rollout"
     #: The one-controller lease lives this long unless renewed (every evaluation renews it).
     lease_ttl_s: float = 180.0
@@ -434,8 +434,8 @@ def load_settings(
                 copy = dict(child) if isinstance(child, dict) else {}
                 node[part] = copy
                 node = copy
-            # An empty value means an empty string (e.g. "no Redis"), not YAML null.
-            node[name] = yaml.safe_load(value) if value else ""
+            # Kept raw: only the target field's type knows how to read it (_coerce).
+            node[name] = _EnvText(value, key)
     for key, value in overrides.items():
         if value is None:
             continue
@@ -462,6 +462,29 @@ def _refuse_file_secrets(data: Mapping[str, Any], path: str | Path) -> None:
         )
 
 
+class _EnvText(str):
+    """An environment variable's raw value, with the variable's name for error messages.
+
+    Parsed by the field it lands in, not up front as YAML: YAML 1.1 reads a secret such as
+    ``0123`` as octal 83, ``12:30:00`` as 45000 and cuts ``s3cr3t #x`` at the comment, so the
+    same salt given by env and by its *_FILE variant (read raw) would differ between replicas.
+    Only structured fields (lists, mappings, sections) are YAML.
+    """
+
+    var: str
+
+    def __new__(cls, value: str, var: str) -> _EnvText:
+        self = super().__new__(cls, value)
+        self.var = var
+        return self
+
+
+#: The only spellings a boolean setting takes; anything else (``enable``, ``Y``, ``ture``)
+#: is an error, because reading it as false would turn auth or the validation gate off.
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
 def _split_override(key: str) -> tuple[str, str]:
     sections = {f.name for f in dataclasses.fields(Settings)}
     head, _, rest = key.partition("_")
@@ -483,12 +506,17 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if isinstance(value, _EnvText):
+        return _coerce_env(tp, value, where)
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return _build(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(args[0], value, where)
+        if value is None or (value == "" and args[0] is Path):
+            # An empty optional path means "none": Path("") would be the working directory.
+            return None
+        return _coerce(args[0], value, where)
     if origin is tuple:
         (item,) = typing.get_args(tp)[:1]
         if not isinstance(value, list | tuple):
@@ -496,18 +524,61 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     try:
         if tp is Path:
+            if value == "":
+                raise ValueError("an empty path would mean the working directory")
             return Path(value)
         if tp is bool:
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
+            return _coerce_bool(value)
         if tp in (int, float, str):
             if tp is not str and isinstance(value, bool):
                 raise TypeError("booleans are not numbers")
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError("not a whole number")  # int() would truncate 99.9 to 99
             return tp(value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {value!r} is not a valid {tp.__name__}") from exc
+        raise ConfigError(f"{where}: {value!r} is not a valid {tp.__name__} ({exc})") from exc
     return value
+
+
+def _coerce_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    raise ValueError("use true/false, 1/0, yes/no or on/off")
+
+
+def _coerce_env(tp: Any, value: _EnvText, where: str) -> Any:
+    """One environment variable's raw text as the field's type; errors name the variable."""
+    origin = typing.get_origin(tp)
+    raw = str(value)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if raw == "" and args[0] is Path:
+            return None
+        tp = args[0]
+    elif tp in (str, int, float, bool, Path):
+        pass
+    else:
+        # Structured (a list, a mapping, a whole section): YAML, as in the settings file.
+        # An empty value stays "", which the field then refuses with its own error.
+        try:
+            parsed = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{value.var}: not valid YAML: {exc}") from exc
+        return _coerce(tp, parsed, f"{where} ({value.var})")
+    if tp is str:
+        return raw
+    try:
+        return _coerce(tp, raw.strip() if tp in (int, float) else raw, where)
+    except ConfigError as exc:
+        raise ConfigError(f"{value.var}={raw!r}: {exc}") from exc
 
 
 def _map_paths(obj: Any, fn: typing.Callable[[Path], Path]) -> Any:

@@ -66,7 +66,7 @@ def toy_backend() -> FakeBackend:
     return FakeBackend([FakeModel("toy", toy_fn, versions=("1", "2"), inputs=inputs)])
 
 
-def small_fn(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+def small_fn(inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
     x = inputs["features"].data.astype(np.float32)
     score = np.full((x.shape[0], 1), 0.25, dtype=np.float32)
     decision = np.array([[b"approve"]] * x.shape[0], dtype=object)
