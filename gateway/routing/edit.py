@@ -192,22 +192,36 @@ def _dump(path: Path, doc: Any, yaml: Any, catalog: Any) -> bytes:
 
 
 def _find_route(routes_dir: Path, model: str, yaml: Any) -> tuple[Path, Any]:
-    from ruamel.yaml.util import load_yaml_guess_indent
-
     candidates = [routes_dir / f"{model}.yaml", *sorted(routes_dir.glob("*.yaml"))]
     for path in dict.fromkeys(candidates):
         if path.is_file():
-            text = path.read_text()
-            _, indent, offset = load_yaml_guess_indent(text)
-            if indent is not None:  # keep the file's own list indentation ("  - " or "- ")
-                offset = offset or 0
-                yaml.indent(mapping=max(2, indent - offset), sequence=indent, offset=offset)
-            doc = yaml.load(text)
+            doc = _load(yaml, path, path.read_text())
             if isinstance(doc, dict) and str(doc.get("model")) == model:
                 return path, doc
     from gateway.routing.table import RouteError
 
     raise RouteError(f"{routes_dir}: no route file for model {model!r}")
+
+
+def _load(yaml: Any, path: Path, text: str) -> Any:
+    """The round-trip document, or the RouteError the gateway would give for this file.
+
+    ruamel refuses what PyYAML accepts or reads differently (duplicate keys); the CLI must say
+    which file and line is wrong, as `routes check` does, not end in a traceback."""
+    from ruamel.yaml.error import YAMLError
+    from ruamel.yaml.util import load_yaml_guess_indent
+
+    from gateway.routing.table import RouteError, parse_route
+
+    try:
+        _, indent, offset = load_yaml_guess_indent(text)
+        if indent is not None:  # keep the file's own list indentation ("  - " or "- ")
+            offset = offset or 0
+            yaml.indent(mapping=max(2, indent - offset), sequence=indent, offset=offset)
+        return yaml.load(text)
+    except YAMLError as exc:
+        parse_route(text.encode(), str(path))  # raises the gateway's own error, if it has one
+        raise RouteError(f"{path}: invalid YAML: {exc}") from exc
 
 
 def write_route(path: Path, content: bytes) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,12 +172,23 @@ def policy_version(content: bytes) -> str:
 Path_ = tuple[str | int, ...]
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _Doc:
-    """The parsed file plus the line of every key path, for errors that point at the edit."""
+    """The parsed file plus the line of every key path, for errors that point at the edit.
+
+    Duplicate keys are errors: PyYAML keeps the last one silently (a second ``weight:`` in a
+    challenger serves what the reviewer never saw), and `routes set-weight` (ruamel) refuses
+    them, so the gateway, `routes check` and the editor must agree on refusing them.
+    """
 
     def __init__(self, content: bytes, source: str) -> None:
         self.source = source
         self.lines: dict[Path_, int] = {}
+        #: The node at each key path (an alias: the node it names), for checks that need
+        #: the text as written, not as YAML 1.1 resolved it.
+        self.nodes: dict[Path_, yaml.Node] = {}
         try:
             node = yaml.compose(content, Loader=yaml.SafeLoader)
             self.data = yaml.safe_load(content)
@@ -192,18 +204,33 @@ class _Doc:
     def _index(self, node: yaml.Node, path: Path_, seen: set[int]) -> None:
         # An alias is the node it names: index it once, so an alias that holds itself or
         # aliases of aliases (a "billion laughs" file) cost no more than the file's size.
+        self.nodes.setdefault(path, node)
         if id(node) in seen:
             return
         seen.add(id(node))
         self.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
             for key, value in node.value:
                 sub = (*path, str(key.value))
-                self.lines[sub] = key.start_mark.line + 1
+                line = key.start_mark.line + 1
+                # `<<: *base` then an explicit key is YAML's override, not a duplicate.
+                if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                    if key.value in first:
+                        raise RouteError(
+                            f"{self.source}:{line}: {_dotted(sub)}: duplicate key (first at "
+                            f"line {first[key.value]}); a key may appear once per mapping"
+                        )
+                    first[key.value] = line
+                self.lines[sub] = line
                 self._index(value, sub, seen)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 self._index(item, (*path, i), seen)
+
+    def error_at(self, node: yaml.Node, path: Path_, message: str) -> RouteError:
+        line = node.start_mark.line + 1
+        return RouteError(f"{self.source}:{line}: {_dotted(path) or '<file>'}: {message}")
 
     def error(self, path: Path_, message: str) -> RouteError:
         line = next(
@@ -352,8 +379,56 @@ def _segment(doc: _Doc, value: Any, i: int) -> Segment:
     if not isinstance(match, Mapping) or not match:
         where = (*path, "match") if "match" in value else path
         raise doc.error(where, "'match' must map context fields to a value or list of values")
+    _check_match_text(doc, doc.nodes.get((*path, "match")), (*path, "match"))
     allowed = {str(k): tuple(v) if isinstance(v, list) else (v,) for k, v in match.items()}
     return Segment(str(value.get("name") or i), MappingProxyType(allowed), target)
+
+
+#: The plain numbers that read as they are written; YAML 1.1 also takes 0123 (octal),
+#: 0x1f, 1_000, 12:30 (base 60) and .inf as numbers.
+_PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+_PLAIN_FLOAT = re.compile(r"[-+]?[0-9]*\.[0-9]*([eE][-+]?[0-9]+)?")
+
+
+def _misread(node: yaml.Node, key: bool) -> str | None:
+    """Why YAML 1.1 reads this plain scalar as something other than its text, if it does.
+
+    Segment values are compared with request context (JSON strings, mostly): ``NO`` (Norway)
+    read as false, ``off`` as false, ``01234`` as octal 668 or ``12:30`` as 750 never match
+    what a client sends, and the segment silently stops matching. Quoted scalars are text.
+    Plain ``true``/``false`` stay booleans for values (JSON context has them), never for
+    keys (context keys are strings: ``True`` would match nothing).
+    """
+    if not isinstance(node, yaml.ScalarNode) or node.style is not None:
+        return None
+    tag = node.tag.rsplit(":", 1)[-1]
+    if tag == "null":
+        return "reads as null (no value)"
+    if tag == "bool" and (key or node.value.lower() not in ("true", "false")):
+        return f"reads as the boolean {yaml.safe_load(node.value)!r} in YAML 1.1"
+    plain = {"int": _PLAIN_INT, "float": _PLAIN_FLOAT}.get(tag)
+    if plain is not None and not plain.fullmatch(node.value):
+        return f"reads as the number {yaml.safe_load(node.value)!r} in YAML 1.1"
+    return None
+
+
+def _check_match_text(doc: _Doc, node: yaml.Node | None, path: Path_) -> None:
+    """Refuse segment keys and values that YAML 1.1 does not read as written (_misread)."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key, value in node.value:
+        sub = (*path, str(key.value))
+        checks: list[tuple[yaml.Node, Path_, bool]] = [(key, sub, True)]
+        if isinstance(value, yaml.SequenceNode):
+            checks += [(item, (*sub, i), False) for i, item in enumerate(value.value)]
+        else:
+            checks.append((value, sub, False))
+        for item, where, is_key in checks:
+            why = _misread(item, is_key)
+            if why is not None:
+                raise doc.error_at(
+                    item, where, f"{item.value!r} {why}; quote it ('{item.value}') to match text"
+                )
 
 
 def _shadow(doc: _Doc, value: Any, i: int) -> Shadow:

@@ -116,3 +116,67 @@ def test_the_model_name_must_be_a_non_empty_string(model: str) -> None:
     doc = f'model: {model}\nchampion: {{target: risk, version: "1"}}\n'.encode()
     with pytest.raises(RouteError, match="'model' must be a non-empty string"):
         parse_route(doc, "r.yaml")
+
+
+DUPLICATES = [
+    # the whole champion, last one silently winning
+    (GOOD + 'champion: {target: risk, version: "3"}\n', r"risk\.yaml:11: champion: duplicate"),
+    # two weights in one challenger: 10 % reviewed, 60 % served
+    (GOOD.replace("weight: 10,", "weight: 10, weight: 60,"), r"risk\.yaml:4: challengers\[0\]"),
+    (GOOD.replace("score: 0.5}", "score: 0.5, score: 0.9}"), r"risk\.yaml:9: fallback\.default"),
+]
+
+
+@pytest.mark.parametrize(("text", "where"), DUPLICATES)
+def test_a_duplicate_key_is_an_error_naming_file_and_line(text: str, where: str) -> None:
+    with pytest.raises(RouteError, match=where) as err:
+        parse_route(text.encode(), "risk.yaml")
+    assert "duplicate key" in str(err.value) and "first at line" in str(err.value)
+
+
+def test_a_merge_key_override_is_not_a_duplicate() -> None:
+    text = GOOD.replace(
+        "fallback: {target: risk_distilled,",
+        'base: &fb {target: risk_distilled, version: "9"}\nfallback: {<<: *fb,',
+    ).replace('"1", default', '"1", cache_ttl_s: 5, default')
+    with pytest.raises(RouteError, match="base: unknown field"):  # parsed, no duplicate
+        parse_route(text.encode(), "risk.yaml")
+
+
+def test_routes_check_and_set_weight_refuse_a_duplicate_key_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "risk.yaml"
+    path.write_text(DUPLICATES[1][0])
+    assert main(["routes", "check", "--no-catalog", str(path)]) == 1
+    assert f"{path}:4: challengers[0].weight: duplicate key" in capsys.readouterr().err
+    before = path.read_bytes()
+    args = ["routes", "set-weight", "risk", "--version", "1", "--weight", "5"]
+    rc = main([*args, "--routes-dir", str(tmp_path), "--no-catalog"])  # no traceback
+    assert rc != 0
+    assert f"{path}:4: challengers[0].weight: duplicate key" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("match", "token"),
+    [("{country: [SE, NO, DK]}", "NO"), ("{channel: off}", "off"), ("{channel: On}", "On"),
+     ("{vip: yes}", "yes"), ("{channel: ~}", "~"), ("{channel: }", ""), ("{zip: 01234}", "01234"),
+     ("{at: 12:30}", "12:30"), ("{on: web}", "on")],
+)  # fmt: skip
+def test_a_segment_value_yaml_1_1_would_misread_is_an_error(match: str, token: str) -> None:
+    """`match: {country: [SE, NO, DK]}` once read NO as false and never matched Norway."""
+    text = GOOD.replace("{match: {segment: eu},", f"{{match: {match},")
+    with pytest.raises(RouteError, match=r"risk\.yaml:6: segments\[0\]\.match") as err:
+        parse_route(text.encode(), "risk.yaml")
+    assert repr(token) in str(err.value) and "quote" in str(err.value)
+
+
+def test_quoted_and_plain_segment_values_match_as_written() -> None:
+    text = GOOD.replace(
+        "{match: {segment: eu},",
+        "{match: {country: [SE, 'NO', \"off\"], tier: 3, beta: true},",
+    )
+    seg = parse_route(text.encode(), "risk.yaml").segments[0]
+    assert seg.match["country"] == ("SE", "NO", "off")
+    assert seg.matches({"country": "NO", "tier": 3, "beta": True})
