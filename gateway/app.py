@@ -36,7 +36,7 @@ from gateway.registry.report import ValidationGate
 from gateway.resilience.cache import PredictionCache
 from gateway.resilience.fallback import FallbackLadder
 from gateway.routing.readiness import VersionGate
-from gateway.routing.reload import RouteReloader
+from gateway.routing.reload import RouteReloader, fingerprint
 from gateway.routing.shadow import ShadowDispatcher
 from gateway.routing.table import RouteTable, RouteTableRef, load_route_table
 from gateway.security.rest import GUARD
@@ -60,6 +60,9 @@ def build_app(
     Tracing with an in-memory exporter."""
     metrics = Metrics(multiprocess_dir=os.environ.get(MULTIPROC_ENV))
     catalog = ModelCatalog.load(settings.routing.model_repository)
+    # Before the load: an edit between the two then reads as a change (one extra reload)
+    # rather than as already seen (never applied); see RouteReloader's `seen`.
+    seen_routes = fingerprint(settings.routing.routes_dir)
     table = load_route_table(settings.routing.routes_dir, catalog, sticky_secret(settings))
     if settings.routing.require_validation:  # the startup table passes the reloads' gate too
         ValidationGate(settings.routing.model_repository).require(table.targets())
@@ -114,7 +117,7 @@ def build_app(
         shadow=shadow,
     )
     service.tracing = tracing
-    reloader = _route_reloader(settings, service, metrics)
+    reloader = _route_reloader(settings, service, metrics, seen_routes)
     drift = build_drift(settings, metrics, clock)
     service.drift = drift.tracker if drift is not None else None
 
@@ -289,7 +292,7 @@ def fallback_probes(table: RouteTable) -> list[InferRequest]:
 
 
 def _route_reloader(
-    settings: Settings, service: InferenceService, metrics: Metrics
+    settings: Settings, service: InferenceService, metrics: Metrics, seen: str
 ) -> RouteReloader:
     """Hot reload of routes: the catalog is re-read too, so a new version's manifest counts;
     the table and its catalog go live as one snapshot."""
@@ -309,4 +312,5 @@ def _route_reloader(
         load_catalog=lambda: ModelCatalog.load(r.model_repository),
         interval_s=r.reload_interval_s,
         sticky_secret=sticky_secret(settings),
+        seen=seen,
     )

@@ -71,7 +71,12 @@ class RouteReloader:
         wall_clock: Callable[[], float] = time.time,
         history: int = 20,
         sticky_secret: str = "",
+        seen: str | None = None,
     ) -> None:
+        """``seen``: the `fingerprint` taken *before* the table in ``ref`` was loaded. Taken
+        here instead, an edit landing between that load and this constructor would count as
+        already applied and the old table would serve until the next edit. Omitted: now,
+        which is right only when ``ref`` was loaded just before, with no await between."""
         self.routes_dir = routes_dir
         self.sticky_secret = sticky_secret
         self.ref = ref
@@ -83,7 +88,7 @@ class RouteReloader:
         self.last: ReloadResult | None = None
         #: The most recent reloads, newest last (the status page lists them).
         self.history: deque[ReloadResult] = deque(maxlen=history)
-        self._seen = fingerprint(routes_dir)
+        self._seen = fingerprint(routes_dir) if seen is None else seen
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None

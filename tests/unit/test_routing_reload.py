@@ -22,6 +22,7 @@ from gateway.backends.base import InferRequest, InferResponse
 from gateway.config import Settings
 from gateway.errors import BackendError
 from gateway.routing.edit import set_weight
+from gateway.types import Deadline
 from tests.unit.fake_backend import FakeBackend
 from tests.unit.fakes import FEATURES, toy_backend, write_repo
 
@@ -41,12 +42,12 @@ class GatedBackend(FakeBackend):
         self.slow_version = "1"
         self.fail_slow = False
 
-    async def infer(self, request: InferRequest, timeout_s: float) -> InferResponse:
+    async def infer(self, request: InferRequest, deadline: Deadline) -> InferResponse:
         if request.version == self.slow_version:
             await self.gate.wait()
             if self.fail_slow:
                 raise BackendError("shadow target broke")
-        return await super().infer(request, timeout_s)
+        return await super().infer(request, deadline)
 
 
 async def poll(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> None:
@@ -119,6 +120,33 @@ async def test_edit_is_picked_up_by_the_watcher(tmp_path: Path, make) -> None:
     assert state["routes"]["toy"]["policy_version"] == after["policy_version"]
 
 
+async def test_an_edit_during_start_up_is_picked_up(
+    tmp_path: Path, make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An edit landing after the table was read but before the reloader existed (Redis, the
+    spool and the rest start in between) once counted as already seen: the old table served
+    until the next edit, however long that took."""
+    import gateway.app as app_mod
+
+    s = settings_for(tmp_path)
+    real = app_mod.build_observability
+
+    def edit_then_start(*args: Any, **kwargs: Any) -> Any:
+        write_route(s, 'champion: {target: toy, version: "1"}\n')  # e.g. the controller
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app_mod, "build_observability", edit_then_start)
+    client = await make(s)
+
+    async def moved() -> bool:
+        return (await predict(client))["model_version"] == "1"
+
+    await poll(moved)
+    reloader = client.app[RELOADER]
+    assert reloader.last is not None and reloader.last.result == "ok"
+    assert not reloader.changed()
+
+
 async def test_invalid_edit_keeps_the_old_table(tmp_path: Path, make) -> None:
     s = settings_for(tmp_path)
     client = await make(s)
@@ -150,7 +178,8 @@ async def test_new_version_loads_passes_its_probe_then_takes_traffic(tmp_path, m
     assert result.result == "ok", result.error
     # Loaded beside the serving versions, never instead of them.
     ((model, config),) = backend.loads
-    assert model == "toy" and config["version_policy"] == {"specific": {"versions": [1, 2, 3]}}
+    assert model == "toy" and config is not None
+    assert config["version_policy"] == {"specific": {"versions": [1, 2, 3]}}
     assert (await predict(client))["model_version"] == "3"
 
 
