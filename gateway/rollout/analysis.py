@@ -14,6 +14,7 @@ step of the ladder.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -167,11 +168,22 @@ async def gather_stats(
     window_s: float,
     wall: Callable[[], float],
     chunk: int = 1000,
+    since: float | None = None,
 ) -> CanaryStats:
-    """Read the window of `stream` (XRANGE by entry time), join labels, summarise both arms."""
+    """Read the window of `stream` (XRANGE by entry time), join labels, summarise both arms.
+
+    ``since``: when the current file took effect (the controller adopted or wrote it); the
+    window starts there if that is later than ``window_s`` ago. A policy_version is a hash
+    of the file's bytes, so a file reverted by hand to earlier content shares its hash with
+    traffic served before the revert; that traffic must not judge the reverted step."""
     end = wall()
     start = end - window_s
-    cursor, stop = str(int(start * 1000)), str(int(end * 1000))
+    first_ms = int(start * 1000)
+    if since is not None and since > start:
+        # Rounded up: an entry in since's own millisecond may predate it; dropping a few
+        # new entries costs nothing, counting an old one judges on the wrong traffic.
+        start, first_ms = since, math.ceil(since * 1000)
+    cursor, stop = str(first_ms), str(int(end * 1000))
     entries: list[dict[str, Any]] = []
     ignored = 0
     try:

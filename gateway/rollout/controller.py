@@ -11,7 +11,10 @@ swapped in atomically); the gateway's hot reloader picks it up like any human ed
 - **A human edit wins.** The policy_version of the last file the controller wrote is kept in
   Redis. A file whose hash differs was edited by someone else: the controller writes nothing
   in that step, adopts the edit as its new starting point, and judges later steps only on
-  traffic served under it (stats count only the current policy_version).
+  traffic served under it (stats count only the current policy_version, and only since the
+  file took effect: `<prefix>:since:<model>`, so a revert to earlier bytes, which has the
+  earlier hash, is not judged on the traffic from before the revert). The file is re-read
+  right before each write, after the fencing check: an edit during that check wins too.
 - **The final promotion swaps the champion** (routing/edit.py `render_swap`): the challenger
   becomes the champion and the old champion stays in the challenger list at weight 0, the
   rollback target. Zero-weight challengers are ignored when picking the one to roll out.
@@ -158,6 +161,11 @@ class RolloutController:
     def written_key(self, model: str) -> str:
         return f"{self.key_prefix}:written:{model}"
 
+    def since_key(self, model: str) -> str:
+        """When the file now in force took effect (the controller adopted or wrote it), as
+        ``<policy_version> <Redis time>``; its stats window starts no earlier."""
+        return f"{self.key_prefix}:since:{model}"
+
     async def evaluate_once(self, model: str) -> Evaluation:
         route = self.route(model)
         challenger = active_challenger(route)
@@ -211,7 +219,8 @@ class RolloutController:
         return ev
 
     async def gather(self, model: str, route: Route, challenger: Arm) -> CanaryStats:
-        """The analysis window's stats of both arms under the route's current policy."""
+        """The analysis window's stats of both arms under the route's current policy, from
+        when that file took effect at the earliest (`since_key`)."""
         return await gather_stats(
             self.client,
             self.labels,
@@ -221,7 +230,37 @@ class RolloutController:
             policy_version=route.policy_version,
             window_s=self.policy.window_s,
             wall=self.wall,
+            since=await self._since(model, route),
         )
+
+    async def _since(self, model: str, route: Route) -> float | None:
+        """When the route's current file took effect, if recorded for this very file."""
+        try:
+            recorded = await self._recorded_since(model)
+        except (RedisError, OSError) as exc:
+            raise StreamUnavailable(f"rollout state read failed: {exc}") from exc
+        return recorded[1] if recorded is not None and recorded[0] == route.policy_version else None
+
+    async def _recorded_since(self, model: str) -> tuple[str, float] | None:
+        raw = await self.client.get(self.since_key(model))
+        version, _, at = ("" if raw is None else text(raw)).partition(" ")
+        try:
+            return (version, float(at)) if version else None
+        except ValueError:
+            return None
+
+    async def _took_effect(self, model: str, version: str, since: float | None = None) -> None:
+        """Record that the file `version` is in force, from `since` (default: now).
+
+        Times are Redis's clock (TIME), the clock the stream ids the window cuts on come
+        from: the controller's own clock may run ahead or behind it. The start is written
+        before `written`, so a failure between the two reads as a foreign edit next step (a
+        hold that records a start again), never as a known file with another file's start."""
+        if since is None:
+            seconds, micros = await self.client.time()
+            since = seconds + micros / 1e6
+        await self.client.set(self.since_key(model), f"{version} {since!r}")
+        await self.client.set(self.written_key(model), version)
 
     async def _foreign_edit(self, model: str, route: Route) -> str | None:
         """Why this step must not write (the file is not the one the controller last wrote),
@@ -229,8 +268,18 @@ class RolloutController:
         try:
             raw = await self.client.get(self.written_key(model))
             written = None if raw is None else text(raw)
-            if written != route.policy_version:
+            if written is None:  # first sight: the file has been serving; its traffic counts
                 await self.client.set(self.written_key(model), route.policy_version)
+            elif written != route.policy_version:
+                # The edit landed after the file the controller knew took effect, so traffic
+                # under the edited file's hash from before that moment is not the edit's: a
+                # revert to earlier bytes has the earlier hash, and the healthy traffic of
+                # back then must not judge the reverted step. Traffic since then is the
+                # edit's (the known file had another hash), so it still counts. Unknown
+                # (state from before `since` existed): from now, which only waits longer.
+                known = await self._recorded_since(model)
+                start = known[1] if known is not None and known[0] == written else None
+                await self._took_effect(model, route.policy_version, start)
         except (RedisError, OSError) as exc:
             raise StreamUnavailable(f"rollout state read failed: {exc}") from exc
         if written is None or written == route.policy_version:
@@ -247,11 +296,13 @@ class RolloutController:
         """Write the verdict if the file is unchanged and the lease still ours; returns the
         verdict (a hold when it was not written) and the route now on disk."""
         weight = challenger.buckets * 100 / BUCKETS
+        changed = Verdict("hold", weight, ("route file changed during the evaluation; "
+                                           "not applied",))  # fmt: skip
         # The file may have been edited while we measured: then the stats describe a policy
-        # that is gone, so decide again next time rather than overwrite the edit.
+        # that is gone, so decide again next time rather than overwrite the edit. (An early
+        # out only: the check that counts is the one after the lease check, below.)
         if self.route(model).policy_version != route.policy_version:
-            return Verdict("hold", weight, ("route file changed during the evaluation; "
-                                            "not applied",)), route  # fmt: skip
+            return changed, route
         t = challenger.target
         if verdict.final:
             path, content = render_swap(self.routes_dir, model, t.version, t.model,
@@ -262,6 +313,12 @@ class RolloutController:
         if not await self.lease(model).check(token):  # fenced: a newer leader may be acting
             return Verdict("hold", weight, (f"lease lost before the write (token {token} is "
                                             "no longer current): not applied",)), route  # fmt: skip
+        # `content` was rendered from the file before the lease check's round trip; an edit
+        # landing during it would be overwritten (and, hashing like our own write, never seen
+        # as foreign). Re-read now, with no await before the write: the file must still be
+        # the one the stats and the rendering describe.
+        if _file_version(path) != route.policy_version:
+            return changed, route
         write_route(path, content)
         new = parse_route(content, str(path))
         if self.audit is not None:  # the gateway-wide audit stream (`audit tail`) too
@@ -272,8 +329,8 @@ class RolloutController:
                 100.0 if verdict.final else verdict.next_weight,
                 detail={"route_file": str(path), "lease_token": token},
             )
-        try:
-            await self.client.set(self.written_key(model), policy_version(content))
+        try:  # the same bytes may have served before (25 % again after a revert to 10 %)
+            await self._took_effect(model, policy_version(content))
         except (RedisError, OSError) as exc:  # the next step will take it for a human edit
             self.log.error("rollout_state_write_failed", model=model, error=str(exc))
         return verdict, new
@@ -346,6 +403,14 @@ class RolloutController:
             if route.name == model:
                 return route
         raise RolloutError(f"{self.routes_dir}: no route file for model {model!r}")
+
+
+def _file_version(path: Path) -> str | None:
+    """The policy_version of the file on disk now (None: unreadable, e.g. just deleted)."""
+    try:
+        return policy_version(path.read_bytes())
+    except OSError:
+        return None
 
 
 def active_challenger(route: Route) -> Arm:
