@@ -59,6 +59,12 @@ class ServerSettings:
     max_headers: int = 128
     #: A body not fully received this long after its headers: 408 and the connection closes.
     body_read_timeout_s: float = 10.0
+    #: A connection without a request head this long after it opened or after its last
+    #: answer (idle, or sending half a header) is closed (gateway/api/limits.py). Above the
+    #: 60 s idle timeout of common proxies and load balancers (ingress-nginx's upstream
+    #: keep-alive, AWS ALB), which must close a pooled connection before we do, or they send
+    #: a request into one we are closing and answer 502; far below aiohttp's default hour.
+    keepalive_timeout_s: float = 75.0
     #: Open connections served per process; a request on one past the cap: 503 and close.
     #: 0: no cap. backlog: the kernel's queue of connections not yet accepted.
     max_connections: int = 4096

@@ -18,7 +18,6 @@ import structlog
 from aiohttp import web
 
 from gateway.api.grpc_server import grpc_serving
-from gateway.api.limits import KEEPALIVE_TIMEOUT_S
 from gateway.api.middleware import GatewayProtocol
 from gateway.app import build_app
 from gateway.config import ServerSettings, Settings
@@ -76,7 +75,7 @@ class _AppRunner(web.AppRunner):
 def app_runner(
     app: web.Application,
     server: ServerSettings,
-    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+    keepalive_timeout_s: float | None = None,
 ) -> web.AppRunner:
     """The runner serve_one serves ``app`` with (tests start it on a port of their own)."""
     return _AppRunner(
@@ -95,7 +94,9 @@ def app_runner(
         max_headers=server.max_headers,
         # Idle connections, and ones whose request head has not arrived, close after this
         # (gateway/api/limits.py): aiohttp's default kept them an hour.
-        keepalive_timeout=keepalive_timeout_s,
+        keepalive_timeout=(
+            server.keepalive_timeout_s if keepalive_timeout_s is None else keepalive_timeout_s
+        ),
     )
 
 

@@ -7,11 +7,11 @@ and a handler for as long as it likes; `body_deadline` reads the whole body with
 `request_timeout` and the connection closes. Connections: aiohttp accepts every connection;
 `connection_gate` answers a request arriving on a connection past `server.max_connections`
 (counted in accept order) with 503 `overloaded` and closes it, so the first N keep working.
-Heads: a connection that has not sent a complete request head `KEEPALIVE_TIMEOUT_S` after it
+Heads: a connection that has not sent a complete request head `server.keepalive_timeout_s` after it
 opened or after its previous answer (it sent nothing, half a header, a header a byte at a
 time) is closed unanswered. aiohttp's keep-alive timer does it: it runs from those moments
 and closes a connection still waiting for a head. So idle and slowloris sockets hold their
-place under the cap for seconds, not for aiohttp's default hour.
+place under the cap for that long (75 s), not for aiohttp's default hour.
 
 orjson refuses nesting past 1024 levels; our bodies need a handful (a batch of predict bodies
 with a context is 4). Deep nesting costs every later walk over the value (validation, the
@@ -32,12 +32,6 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway.errors import ClientError, Overloaded, PayloadTooLarge, RequestTimeout
-
-#: Seconds a connection may wait for its next request head: from when it opens, and again
-#: after each answer (aiohttp's keep-alive timer, which `gateway.serving` sets to this).
-#: aiohttp's default, 3630 s, let one client hold the first `max_connections` sockets idle,
-#: or half a header sent, and so lock everyone else out for an hour.
-KEEPALIVE_TIMEOUT_S = 15.0
 
 #: Paths a connection past the cap may still call: probes must not fail under a flood.
 _PROBES = frozenset({"/healthz", "/readyz"})

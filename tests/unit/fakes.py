@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from gateway.api.limits import KEEPALIVE_TIMEOUT_S
 from gateway.app import build_app
 from gateway.config import Settings, load_settings
 from gateway.serving import app_runner
@@ -135,7 +134,7 @@ async def ladder_client(
 
 @contextlib.asynccontextmanager
 async def served(
-    settings: Settings, keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
+    settings: Settings, keepalive_timeout_s: float | None = None
 ) -> AsyncIterator[int]:
     """The app (toy backend) behind the runner serve_one uses, aiohttp's protocol settings
     included (the aiohttp_server fixture would not apply them), on a free port of 127.0.0.1."""
