@@ -1,20 +1,18 @@
 """The rollout controller against edits a human makes while it works: the edit must stand.
 
-A private redis-server on a free port (never the shared one, never flushed): the controller's
-lease, its `written` state and the synthetic prediction-log window live there alone.
+A redis-server of the test's own (conftest's `redis_server`, never the shared one): the
+controller's lease, its `written` state and the synthetic prediction-log window live there alone.
 """
 
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from gateway.clock import FakeClock
@@ -23,7 +21,7 @@ from gateway.rollout.analysis import PromotionPolicy
 from gateway.rollout.controller import RolloutController
 from gateway.rollout.lease import Lease
 from gateway.routing.edit import set_weight
-from gateway.tritonserver import free_port
+from tests.integration.conftest import RedisServer
 from tests.integration.test_rollout import current_policy, write_window
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,31 +29,8 @@ POLICY = PromotionPolicy(min_samples=100, min_labels=50, window_s=600)
 
 
 @pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server not installed")
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        probe = redis.Redis(port=port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                probe.ping()
-                break
-            except redis.ConnectionError:
-                assert proc.poll() is None, "redis-server exited"
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)  # polling a subprocess's start, not synchronising the test
-        probe.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.kill()
-        proc.wait(10)
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
 
 
 @pytest.fixture
