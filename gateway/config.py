@@ -580,6 +580,14 @@ def _coerce_env(tp: Any, value: _EnvText, where: str) -> Any:
             raise ConfigError(f"{value.var}: not valid YAML: {exc}") from exc
         return _coerce(tp, parsed, f"{where} ({value.var})")
     if tp is str:
+        # Raw text, but a value quoted whole is a YAML string and means what is inside:
+        # '""' for "empty" (an unset-looking variable) and '"0123"' for a literal.
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+            try:
+                inner = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                return raw
+            return inner if isinstance(inner, str) else raw
         return raw
     try:
         return _coerce(tp, raw.strip() if tp in (int, float) else raw, where)

@@ -119,3 +119,15 @@ def test_structured_settings_from_the_environment_are_still_yaml() -> None:
     assert s.triton.fallback_models == ("x", "y")
     assert s.predlog.policies == {"risk": {"hash": ["email"]}}
     assert s.redis.url == ""
+
+
+def test_a_string_quoted_whole_in_the_environment_is_what_is_inside(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """'""' is how an empty value is given (the integration suite turns Redis off so), and
+    '"0123"' a literal: quoted YAML strings, unquoted as in the settings file."""
+    monkeypatch.setenv("SWITCHYARD__REDIS__URL", '""')
+    monkeypatch.setenv("SWITCHYARD__ROUTING__STICKY_SALT", "'0123'")
+    settings = load_settings(None)
+    assert settings.redis.url == ""
+    assert settings.routing.sticky_salt == "0123"
